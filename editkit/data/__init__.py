@@ -1,0 +1,1 @@
+"""Dataset records, manifest formats, image policy, buckets, mixing and the synthetic dataset."""

@@ -1,0 +1,34 @@
+"""The one record type for an editing sample, shared by every job (cache, train, infer, eval).
+
+Mask convention: white (255) marks the edit region — the pixels the edit may change; black is
+background to preserve. DiffSynth manifests call the field `back_mask`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class EditRecord:
+    id: str
+    instruction: str
+    sources: list[Path] = field(default_factory=list)  # 0 sources = text-to-image
+    target: Path | None = None  # None for inference-only sets
+    mask: Path | None = None  # white = edit region
+    ref_gt: Path | None = None
+    instruction_cn: str | None = None
+    inverse_instruction: str | None = None
+    inverse_instruction_cn: str | None = None
+    task: str | None = None  # edit type / dataset name
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (paths as strings)."""
+        out = asdict(self)
+        out["sources"] = [str(p) for p in self.sources]
+        for key in ("target", "mask", "ref_gt"):
+            out[key] = None if out[key] is None else str(out[key])
+        return out

@@ -1,0 +1,1 @@
+"""Metrics (pixel, masked, feature), the evaluation runner, comparisons and the HTML report."""

@@ -1,0 +1,1 @@
+"""Model families, component loading, tiny presets, the EditModel facade and LoRA."""

@@ -1,0 +1,1 @@
+"""Objectives (flow matching, LBM), the trainer loop, checkpoints, optimizers, the cache."""
