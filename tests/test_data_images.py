@@ -1,0 +1,74 @@
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from editkit.data.images import (bucket_for, load_image, load_mask, make_buckets, resize_to_area,
+                                 resize_to_bucket, target_size)
+from editkit.errors import UserError
+
+
+def test_target_size_matches_diffusers_calculate_dimensions():
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+
+    for w, h in [(1000, 600), (512, 512), (1920, 1080), (333, 777), (64, 48), (4000, 3000)]:
+        for area in (384 * 384, 1024 * 1024):
+            assert target_size(w, h, area, 32) == calculate_dimensions(area, w / h)
+
+
+@pytest.mark.parametrize("multiple", [16, 32])
+def test_target_size_keeps_aspect_and_multiple(multiple):
+    for w, h in [(640, 480), (100, 300), (1, 1), (5000, 20)]:
+        tw, th = target_size(w, h, 64 * 64, multiple)
+        assert tw % multiple == 0 and th % multiple == 0 and tw >= multiple and th >= multiple
+        if max(w / h, h / w) < 4:
+            assert abs(math.log(tw / th) - math.log(w / h)) < 0.5
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), "red")
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    img.save(tmp_path / "r.jpg", exif=exif)
+    assert load_image(tmp_path / "r.jpg").size == (20, 40)
+
+
+def test_rgba_is_composited_on_white_and_rgba_mode_kept(tmp_path):
+    Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(tmp_path / "t.png")
+    assert load_image(tmp_path / "t.png").getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(tmp_path / "t.png", mode="RGBA").mode == "RGBA"
+
+
+def test_mask_is_binarised_and_resized(tmp_path):
+    arr = np.array([[0, 100, 128, 255]], dtype=np.uint8).repeat(4, 0)
+    Image.fromarray(arr).convert("RGB").save(tmp_path / "m.png")
+    mask = load_mask(tmp_path / "m.png")
+    assert mask.mode == "L" and np.array(mask)[0].tolist() == [0, 0, 255, 255]
+    big = load_mask(tmp_path / "m.png", size=(8, 8))
+    assert big.size == (8, 8) and set(np.unique(np.array(big))) <= {0, 255}
+
+
+def test_missing_undecodable_and_url_are_user_errors(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for path in (tmp_path / "nope.png", tmp_path / "bad.png", "https://example.com/a.png"):
+        with pytest.raises(UserError):
+            load_image(path)
+        with pytest.raises(UserError):
+            load_mask(path)
+
+
+def test_buckets_cover_area_and_assignment():
+    buckets = make_buckets(1024 * 1024)
+    assert (1024, 1024) in buckets
+    assert all(w % 32 == 0 and h % 32 == 0 for w, h in buckets)
+    assert all(abs(w * h - 1024 * 1024) / (1024 * 1024) < 0.1 for w, h in buckets)
+    assert {(h, w) for w, h in buckets} == set(buckets)
+    assert bucket_for(1920, 1080, buckets)[0] > bucket_for(1920, 1080, buckets)[1]
+    assert bucket_for(500, 500, buckets) == (1024, 1024)
+
+
+def test_resize_helpers_give_exact_sizes():
+    img = Image.new("RGB", (300, 200))
+    assert resize_to_area(img, 64 * 64, 16).size == target_size(300, 200, 64 * 64, 16)
+    assert resize_to_bucket(img, (80, 48)).size == (80, 48)
