@@ -1,0 +1,218 @@
+"""Training job configuration: pydantic models, YAML files and dotted `key=value` overrides.
+
+`load_config(path, overrides)` returns a validated `TrainConfig`; any mistake (unknown field,
+wrong type, bad override) becomes one `UserError` line naming the file and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from editkit.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DatasetSpec(_Strict):
+    """One training manifest of the multi-dataset mix."""
+
+    manifest: str
+    weight: float = Field(1.0, gt=0)
+    name: str | None = None
+
+
+class DataConfig(_Strict):
+    train: list[DatasetSpec] = Field(default_factory=list)  # online encoding from manifests
+    cache: list[str] = Field(default_factory=list)  # cache folders written by `editkit cache`
+    cache_weights: list[float] | None = None  # mixing weights of the cache folders
+    val: str | None = None  # manifest of the fixed validation / preview samples
+    area: int = Field(1024 * 1024, gt=0)  # target pixel area of a bucket
+    multiple: int = 32  # bucket sides are multiples of this
+    max_ratio: float = 4.0
+    condition_area: int | None = None  # VAE area of condition images; None = the family default
+    batch_size: int = Field(1, ge=1)
+    num_workers: int = Field(0, ge=0)
+    instruction: Literal["en", "cn", "mixed"] = "en"  # which embedding variant to train on
+    cn_probability: float = Field(0.5, ge=0, le=1)  # with instruction=mixed
+
+
+class LoraConfig(_Strict):
+    rank: int = Field(16, ge=1, le=512)
+    alpha: float | None = None  # None = rank (scale 1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: str | list[str] = "default"  # default | expanded | all-linear | module-name patterns
+    init: Literal["default", "gaussian"] = "default"
+
+
+class ModelSection(_Strict):
+    mode: Literal["lora", "full"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    unfreeze: list[str] = Field(default_factory=list)  # extra module-name patterns made trainable
+    gradient_checkpointing: bool = False
+
+
+class TimestepConfig(_Strict):
+    sampling: Literal["uniform", "logit_normal", "shifted", "discrete"] = "shifted"
+    mean: float = 0.0  # logit-normal
+    std: float = 1.0  # logit-normal
+    values: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # discrete set
+    weighting: Literal["none", "sd3", "bell"] = "none"
+
+
+class LbmConfig(_Strict):
+    bridge_noise: float = Field(0.005, ge=0)  # σ of the bridge noise
+    sub_stream_weight: float = Field(0.0, ge=0)  # white image -> target stream; 0 = off
+    pixel_loss_weight: float = Field(0.0, ge=0)  # decoded-crop L1 on the predicted target; 0 = off
+    pixel_crop: int = Field(8, ge=1)  # side (in latent cells) of the crop decoded for the pixel loss
+
+
+class ObjectiveConfig(_Strict):
+    kind: Literal["flow_matching", "lbm"] = "flow_matching"
+    timesteps: TimestepConfig = Field(default_factory=TimestepConfig)
+    mask_weight: float = Field(0.0, ge=0)  # extra loss weight inside the edit region
+    text_dropout: float = Field(0.0, ge=0, le=1)  # swap in the empty-text embedding
+    image_dropout: float = Field(0.0, ge=0, le=1)  # zero the condition-image latents
+    lbm: LbmConfig = Field(default_factory=LbmConfig)
+
+
+class OptimConfig(_Strict):
+    name: Literal["adamw", "prodigy_sf"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0  # ignored (no clipping) with prodigy_sf
+    schedule: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                      "constant_with_warmup"] = "constant_with_warmup"
+    warmup_steps: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _prodigy_lr(self):
+        if self.name == "prodigy_sf" and "lr" not in self.model_fields_set:
+            self.lr = 1.0
+        return self
+
+
+class TrainLoop(_Strict):
+    max_steps: int = Field(1000, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    checkpoint_every: int = Field(500, ge=1)
+    keep_last: int = Field(3, ge=1)
+    log_every: int = Field(1, ge=1)
+    validate_every: int = Field(0, ge=0)  # 0 = off
+    preview_every: int = Field(0, ge=0)  # 0 = off
+    preview_steps: int = Field(8, ge=1)
+    preview_cfg: float = 1.0
+    val_samples: int = Field(4, ge=1)
+    tensorboard: bool = True
+    wandb: bool = False  # offline mode; needs `pip install wandb`
+    export_lora: bool = True  # also write diffusers/ComfyUI/DiffSynth LoRA files with each checkpoint
+
+
+class VaeStage(_Strict):
+    """The `vae` stage: an AutoencoderKLQwenImage trained from scratch on images."""
+
+    base_dim: int = 16
+    z_dim: int = 8
+    dim_mult: list[int] = Field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 1
+    temperal_downsample: list[bool] | None = None  # default: no temporal downsampling
+    input_channels: int = 3
+    size: int = 64  # training images are resized/cropped to size x size
+    loss: Literal["l1", "mse"] = "l1"
+    kl_weight: float = Field(1e-6, ge=0)
+    stats_batches: int = Field(8, ge=1)  # batches used to measure latents_mean/std at the end
+
+
+class TrainConfig(_Strict):
+    stage: Literal["edit", "vae"] = "edit"
+    model: str = "tiny"  # editkit.models.load_model spec: a diffusers folder or tiny[:family]
+    family: str | None = None
+    transformer: str | None = None  # a transformer folder replacing the model's
+    output_dir: str = "runs/train"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: ModelSection = Field(default_factory=ModelSection)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    loop: TrainLoop = Field(default_factory=TrainLoop)
+    vae: VaeStage = Field(default_factory=VaeStage)
+
+    @model_validator(mode="after")
+    def _needs_data(self):
+        if not self.data.train and not self.data.cache:
+            raise ValueError("data: give data.train (manifests) or data.cache (cache folders)")
+        if self.data.train and self.data.cache:
+            raise ValueError("data: give either data.train or data.cache, not both")
+        if self.stage == "vae" and not self.data.train:
+            raise ValueError("data.train: the vae stage reads images from manifests, not a cache")
+        if self.data.cache_weights is not None and len(self.data.cache_weights) != len(self.data.cache):
+            raise ValueError("data.cache_weights: give one weight per data.cache folder")
+        return self
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"override {text!r}: write key=value, e.g. optim.lr=1e-4")
+    key, value = text.split("=", 1)
+    if not key.strip():
+        raise UserError(f"override {text!r}: the key is empty; write key=value, e.g. optim.lr=1e-4")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set dotted keys (`optim.lr=1e-4`, `data.cache=[a,b]`) in a nested dict; values parsed as YAML."""
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise UserError(f"override {text!r}: {k} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        return f"field {field}: unknown field; check the spelling (docs/training.md lists the fields)"
+    return f"field {field}: {msg}"
+
+
+def validate_config(raw: dict, source: str = "config") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(f"{source}: {_first_error(err)}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or none), apply `key=value` overrides, validate."""
+    raw: dict = {}
+    source = "overrides"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise UserError(f"{p}: config file not found; give the path of a YAML file (see configs/)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise UserError(f"{p}{where}: not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{p}: the config must be a mapping of sections (stage, model, data, ...)")
+    return validate_config(apply_overrides(raw, overrides or []), source)
+

@@ -1,0 +1,189 @@
+"""Config, timestep sampling, loss weighting, objectives (hand-computed), optimisers, checkpoints."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from editkit.errors import UserError
+from editkit.train import checkpoint as ckpt
+from editkit.train.config import ObjectiveConfig, OptimConfig, TimestepConfig, load_config
+from editkit.train.objectives import bridge_sample, flow_matching_loss, lbm_loss, mask_weight_map
+from editkit.train.optim import build_optimizer, build_schedule, clips_gradients, eval_mode, train_mode
+from editkit.train.timesteps import dynamic_shift_mu, exponential_shift, loss_weights, sample_sigmas
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+# ---- config ----
+
+def test_config_overrides_and_defaults(tmp_path):
+    p = _write(tmp_path, "data:\n  cache: [c1]\noptim:\n  name: prodigy_sf\n")
+    cfg = load_config(p, ["optim.weight_decay=0.01", "train.lora.rank=512", "data.batch_size=4"])
+    assert cfg.optim.lr == 1.0  # prodigy default
+    assert cfg.optim.weight_decay == 0.01 and cfg.train.lora.rank == 512 and cfg.data.batch_size == 4
+    assert load_config(p, ["optim.lr=1e-3"]).optim.lr == 1e-3
+
+
+@pytest.mark.parametrize("text,overrides,needle", [
+    ("data:\n  cache: [c]\noptim:\n  lrr: 1\n", [], "field optim.lrr: unknown field"),
+    ("data:\n  cache: [c]\n", ["optim.lr=abc"], "field optim.lr:"),
+    ("data:\n  cache: [c]\n", ["train.lora.rank=1024"], "field train.lora.rank:"),
+    ("model: tiny\n", [], "give data.train"),
+    ("data: [1\n", [], ":2: not valid YAML"),
+    ("data:\n  cache: [c]\n", ["optim.lr"], "write key=value"),
+])
+def test_config_errors_are_one_line(tmp_path, text, overrides, needle):
+    p = _write(tmp_path, text)
+    with pytest.raises(UserError) as err:
+        load_config(p, overrides)
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg and str(p) in msg or msg.startswith("override")
+
+
+# ---- timesteps ----
+
+def test_sigma_sampling_ranges_and_shift():
+    g = torch.Generator().manual_seed(0)
+    for sampling in ("uniform", "logit_normal", "shifted"):
+        s = sample_sigmas(TimestepConfig(sampling=sampling), 2000, g, image_seq_len=4096)
+        assert s.min() > 0 and s.max() <= 1
+    d = sample_sigmas(TimestepConfig(sampling="discrete", values=[0.25, 1.0]), 500, g)
+    assert set(d.tolist()) == {0.25, 1.0}
+    # the shift pushes σ towards noise for large images, following the scheduler's formula
+    mu = dynamic_shift_mu(4096)
+    assert mu == pytest.approx(0.5 + (0.9 - 0.5) * (4096 - 256) / (8192 - 256))
+    assert float(exponential_shift(torch.tensor(0.5), mu)) == pytest.approx(math.exp(mu) / (math.exp(mu) + 1))
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
+    t = torch.tensor([0.2, 0.6])
+    assert torch.allclose(exponential_shift(t, mu), sched.time_shift(mu, 1.0, t).float())
+
+
+def test_loss_weights():
+    s = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.equal(loss_weights("none", s), torch.ones(3))
+    assert torch.allclose(loss_weights("sd3", s), 2 / (math.pi * (1 - 2 * s + 2 * s ** 2)))
+    bell = loss_weights("bell", torch.linspace(0, 1, 1001))
+    assert bell.mean() == pytest.approx(1.0, abs=1e-3) and bell[500] == bell.max() and bell[0] < 1e-6
+
+
+# ---- objectives ----
+
+def test_flow_matching_loss_matches_hand_computation():
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 4, 1, 6, 6)
+    cfg = ObjectiveConfig(timesteps=TimestepConfig(sampling="discrete", values=[0.3]))
+    seen = {}
+
+    def predict(x_t, sigmas):
+        seen["x_t"], seen["s"] = x_t, sigmas
+        return torch.zeros_like(x_t)
+
+    out = flow_matching_loss(predict, x0, cfg, g)
+    g2 = torch.Generator().manual_seed(3)
+    torch.randint(1, (2,), generator=g2)
+    noise = torch.randn(x0.shape, generator=g2)
+    assert torch.allclose(seen["x_t"], 0.7 * x0 + 0.3 * noise)
+    assert out.loss.item() == pytest.approx(((noise - x0) ** 2).mean().item(), rel=1e-5)
+
+
+def test_mask_weight_map_at_latent_resolution():
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4, :4] = 1  # top-left quarter is the edit region
+    w = mask_weight_map(mask, torch.Size([1, 4, 1, 2, 2]), extra=3.0)
+    assert w.shape == (1, 1, 1, 2, 2)
+    assert w.flatten().tolist() == [4.0, 1.0, 1.0, 1.0]
+    assert mask_weight_map(mask, torch.Size([1, 4, 1, 2, 2]), 0.0) is None
+
+
+def test_bridge_sample_hand_values():
+    src, tgt, eps = torch.full((1, 2), 2.0), torch.full((1, 2), -1.0), torch.ones(1, 2)
+    x = bridge_sample(src, tgt, torch.tensor([0.25]), eps, bridge_noise=0.1)
+    # σ·src + (1-σ)·tgt + b·sqrt(σ(1-σ))·ε with σ = 0.25 (LBM's t = 0.75)
+    expected = 0.25 * 2 + 0.75 * -1 + 0.1 * math.sqrt(0.25 * 0.75)
+    assert torch.allclose(x, torch.full((1, 2), expected))
+    assert torch.equal(bridge_sample(src, tgt, torch.tensor([1.0]), eps, 0.1), src)
+    assert torch.equal(bridge_sample(src, tgt, torch.tensor([0.0]), eps, 0.1), tgt)
+
+
+def test_lbm_loss_and_sub_stream_hand_values():
+    src, tgt, white = torch.full((1, 2, 1, 2, 2), 1.0), torch.zeros(1, 2, 1, 2, 2), torch.full((1, 2, 1, 2, 2), 3.0)
+    cfg = ObjectiveConfig(kind="lbm", timesteps=TimestepConfig(sampling="discrete", values=[0.5]))
+    cfg.lbm.bridge_noise = 0.0
+    cfg.lbm.sub_stream_weight = 0.5
+    # a network that always predicts 2.0: main error (2-1)^2 = 1, sub error (2-3)^2 = 1 → 1 + 0.5·1
+    out = lbm_loss(lambda x, s: torch.full_like(x, 2.0), src, tgt, cfg, torch.Generator().manual_seed(0), white=white)
+    assert out.parts["lbm"] == pytest.approx(1.0) and out.parts["lbm_sub"] == pytest.approx(1.0)
+    assert out.loss.item() == pytest.approx(1.5)
+    # the perfect drift has zero loss
+    perfect = lbm_loss(lambda x, s: src - tgt, src, tgt, cfg, white=white)
+    assert perfect.parts["lbm"] == 0.0
+
+
+def test_lbm_pixel_loss_uses_decoder():
+    src, tgt = torch.ones(1, 2, 1, 4, 4), torch.zeros(1, 2, 1, 4, 4)
+    cfg = ObjectiveConfig(kind="lbm", timesteps=TimestepConfig(sampling="discrete", values=[1.0]))
+    cfg.lbm.pixel_loss_weight, cfg.lbm.pixel_crop = 2.0, 2
+    decoded = []
+
+    def decode(z):
+        decoded.append(z.shape)
+        return z * 10
+
+    # predict zero drift: estimate = x_1 - 1·0 = src, decoded |10 - 0| = 10
+    out = lbm_loss(lambda x, s: torch.zeros_like(x), src, tgt, cfg, torch.Generator().manual_seed(0), decode=decode)
+    assert decoded[0][-2:] == (2, 2)
+    assert out.parts["lbm_pixel"] == pytest.approx(10.0)
+    assert out.loss.item() == pytest.approx(1.0 + 2.0 * 10.0)
+
+
+# ---- optimisers ----
+
+def test_adamw_schedule_and_prodigy_modes():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer([p], OptimConfig(lr=0.1, warmup_steps=2))
+    sched = build_schedule(opt, OptimConfig(lr=0.1, warmup_steps=2), 10)
+    assert opt.param_groups[0]["lr"] == 0.0
+    opt.step(); sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert clips_gradients(OptimConfig()) and not clips_gradients(OptimConfig(name="prodigy_sf"))
+    q = torch.nn.Parameter(torch.zeros(3))
+    sf = build_optimizer([q], OptimConfig(name="prodigy_sf"))
+    for _ in range(5):
+        q.grad = torch.tensor([1.0, -2.0, 3.0])
+        sf.step()
+    train_w = q.detach().clone()
+    eval_mode(sf)
+    assert not torch.equal(q.detach(), train_w)  # averaged weights swapped in
+    train_mode(sf)
+    assert torch.allclose(q.detach(), train_w)
+
+
+# ---- checkpoints ----
+
+def test_checkpoint_roundtrip_keep_last_and_rng(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    random.seed(5); np.random.seed(5); torch.manual_seed(5)
+    state = ckpt.capture_rng(g)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=g).item())
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, {"o": step}, {"s": step},
+                             [state], {"sampler": {"pos": step}}, keep_last=2)
+    assert [p.name for p in ckpt.step_dirs(tmp_path)] == ["step-000002", "step-000003"]
+    latest = ckpt.resolve_resume("latest", tmp_path)
+    loaded = ckpt.load_checkpoint(latest)
+    assert loaded["state"] == {"step": 3, "sampler": {"pos": 3}}
+    assert loaded["trainable"]["w"].tolist() == [3.0, 3.0]
+    ckpt.restore_rng(loaded["rng"][0], g)
+    assert (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=g).item()) == expected
+    (latest / "optimizer.pt").unlink()
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        ckpt.load_checkpoint(latest)
+    assert ckpt.resolve_resume("latest", tmp_path / "none") is None
