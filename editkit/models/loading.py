@@ -1,0 +1,275 @@
+"""Load an EditModel from a local diffusers-format folder or a tiny preset; write tiny presets.
+
+Folder layout (a Qwen-Image-Edit snapshot): transformer/, vae/, text_encoder/, tokenizer/,
+processor/, scheduler/ and model_index.json. Nothing is fetched from the network. The
+transformer may come from another folder (`transformer=`): either a component folder
+(config.json + weights) or a snapshot root holding transformer/.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from editkit.errors import UserError
+from editkit.models.families import DEFAULT_FAMILY, detect_family, get_family
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+COMPONENT_FILES = {
+    "transformer": ("config.json", "*.safetensors*"),
+    "vae": ("config.json", "*.safetensors*"),
+    "text_encoder": ("config.json", "*.safetensors*"),
+    "tokenizer": ("tokenizer_config.json", "vocab.json"),
+    "processor": ("preprocessor_config.json",),
+    "scheduler": ("scheduler_config.json",),
+}
+"""What each component folder must hold (glob patterns)."""
+
+TINY_PREFIX = "tiny"
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
+def missing_files(folder: Path, components) -> list[str]:
+    """Paths (relative to `folder`) of required component files that are absent."""
+    missing = []
+    for name in components:
+        for pattern in COMPONENT_FILES[name]:
+            if not any((folder / name).glob(pattern)):
+                missing.append(f"{name}/{pattern}")
+    return missing
+
+
+def _transformer_folder(path: str | Path) -> Path:
+    path = Path(path)
+    if (path / "transformer").is_dir():
+        path = path / "transformer"
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors*")):
+        raise UserError(
+            f"{path}: not a transformer folder (needs config.json and *.safetensors); "
+            "pass a diffusers transformer folder or a snapshot containing transformer/"
+        )
+    return path
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err}); restore the file from the model snapshot") from None
+
+
+def resolve_family(root: Path, transformer_dir: Path, family: str | None) -> str:
+    """The family: given, else from the transformer's snapshot, else from the root's model_index.json."""
+    if family is not None:
+        return get_family(family).name
+    transformer_config = _read_json(transformer_dir / "config.json")
+    for index_file in (transformer_dir.parent / "model_index.json", root / "model_index.json"):
+        found = detect_family(_read_json(index_file), transformer_config)
+        if found:
+            return found
+    raise UserError(f"{root}: cannot tell the model family from model_index.json; pass --family (e.g. {DEFAULT_FAMILY})")
+
+
+def load_model(
+    spec: str | Path,
+    family: str | None = None,
+    transformer: str | Path | None = None,
+    dtype: str = "bf16",
+    device: str | None = None,
+    attention_backend: str | None = None,
+    compile: bool = False,
+    vae_image_size: int | None = None,
+    vlm_image_size: int | None = None,
+    seed: int = 0,
+):
+    """Load an EditModel.
+
+    spec: a local diffusers-format folder, or "tiny" / "tiny:<family>" (built in code with
+    `seed`). `vae_image_size` / `vlm_image_size` are the side (pixels) of the square whose area
+    the VAE / VLM views of source images keep (defaults: the family's, 1024 and 384; tiny: 64).
+    `attention_backend` is a diffusers attention backend name (e.g. "flash", "_native_cudnn");
+    `compile` compiles the transformer's repeated blocks with torch.compile.
+    """
+    import torch
+
+    from editkit.models.edit_model import EditModel
+
+    torch_type = torch_dtype(dtype)
+    spec_text = str(spec)
+    if spec_text == TINY_PREFIX or spec_text.startswith(TINY_PREFIX + ":"):
+        parts, extra = _tiny_parts(spec_text, family, seed)
+    else:
+        parts, extra = _folder_parts(Path(spec), family, transformer, torch_type)
+    if transformer is not None and "transformer" not in extra.get("loaded", ()):
+        parts["transformer"] = _load_transformer(_transformer_folder(transformer), torch_type)
+    sizes = {k: v for k, v in extra.get("sizes", {}).items()}
+    if vae_image_size:
+        sizes["vae_image_area"] = int(vae_image_size) ** 2
+    if vlm_image_size:
+        sizes["vlm_image_area"] = int(vlm_image_size) ** 2
+    model = EditModel(family=get_family(extra["family"]), **parts, **sizes)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device=device, dtype=torch_type)
+    for module in (model.transformer, model.vae, model.text_encoder):
+        module.eval().requires_grad_(False)
+    if attention_backend:
+        model.transformer.set_attention_backend(attention_backend)
+    if compile:
+        model.transformer.compile_repeated_blocks(fullgraph=True)
+    return model
+
+
+def _tiny_parts(spec: str, family: str | None, seed: int):
+    from editkit.models.tiny import TINY_AREA, build_tiny
+
+    name = spec.partition(":")[2] or family or DEFAULT_FAMILY
+    name = get_family(name).name
+    tiny = build_tiny(name, seed=seed)
+    parts = {
+        "transformer": tiny.transformer,
+        "vae": tiny.vae,
+        "text_encoder": tiny.text_encoder,
+        "tokenizer": tiny.tokenizer,
+        "image_processor": tiny.image_processor,
+        "scheduler": tiny.scheduler,
+    }
+    sizes = {"vlm_image_area": TINY_AREA, "vae_image_area": TINY_AREA, "output_area": TINY_AREA}
+    return parts, {"family": name, "sizes": sizes}
+
+
+def _load_transformer(folder: Path, torch_type):
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=torch_type, local_files_only=True)
+
+
+def _folder_parts(root: Path, family: str | None, transformer: str | Path | None, torch_type):
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if not root.is_dir():
+        raise UserError(f"{root}: model folder not found; pass a diffusers-format folder or 'tiny'")
+    needed = [c for c in COMPONENT_FILES if not (c == "transformer" and transformer is not None)]
+    missing = missing_files(root, needed)
+    if missing:
+        raise UserError(f"{root}: incomplete model folder, missing {', '.join(missing)}")
+    transformer_dir = _transformer_folder(transformer) if transformer is not None else root / "transformer"
+    name = resolve_family(root, transformer_dir, family)
+    parts = {
+        "transformer": _load_transformer(transformer_dir, torch_type),
+        "vae": AutoencoderKLQwenImage.from_pretrained(root / "vae", torch_dtype=torch_type, local_files_only=True),
+        "text_encoder": Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            root / "text_encoder", dtype=torch_type, local_files_only=True
+        ),
+        "tokenizer": Qwen2Tokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
+        "image_processor": Qwen2VLImageProcessorPil.from_pretrained(root / "processor", local_files_only=True),
+        "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler", local_files_only=True),
+    }
+    index = _read_json(root / "model_index.json")
+    sizes = {key: int(index[f"_editkit_{key}"]) for key in _SIZE_KEYS if f"_editkit_{key}" in index}
+    return parts, {"family": name, "sizes": sizes, "loaded": ("transformer",)}
+
+
+_SIZE_KEYS = ("vlm_image_area", "vae_image_area", "output_area")
+
+
+def _count_parameters(folder: Path) -> int:
+    """Parameter count from safetensors headers (no weights are read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= dim
+                total += count
+    return total
+
+
+def describe(spec: str | Path, family: str | None = None, transformer: str | Path | None = None) -> dict:
+    """What a model spec holds, from configs and weight headers only (cheap for 20 B models)."""
+    spec_text = str(spec)
+    if spec_text == TINY_PREFIX or spec_text.startswith(TINY_PREFIX + ":"):
+        model = load_model(spec_text, family=family, dtype="fp32", device="cpu")
+        return {
+            "family": model.family.name,
+            "vlm_image_area": model.vlm_image_area,
+            "vae_image_area": model.vae_image_area,
+            "output_area": model.output_area,
+            "transformer_config": dict(model.transformer.config),
+            "parameters": {
+                name: sum(p.numel() for p in getattr(model, name).parameters())
+                for name in ("transformer", "vae", "text_encoder")
+            },
+        }
+    root = Path(spec)
+    if not root.is_dir():
+        raise UserError(f"{root}: model folder not found; pass a diffusers-format folder or 'tiny'")
+    needed = [c for c in COMPONENT_FILES if not (c == "transformer" and transformer is not None)]
+    missing = missing_files(root, needed)
+    if missing:
+        raise UserError(f"{root}: incomplete model folder, missing {', '.join(missing)}")
+    transformer_dir = _transformer_folder(transformer) if transformer is not None else root / "transformer"
+    name = resolve_family(root, transformer_dir, family)
+    index = _read_json(root / "model_index.json")
+    spec_family = get_family(name)
+    return {
+        "family": name,
+        "vlm_image_area": int(index.get("_editkit_vlm_image_area", spec_family.vlm_image_area)),
+        "vae_image_area": int(index.get("_editkit_vae_image_area", spec_family.vae_image_area)),
+        "output_area": int(index.get("_editkit_output_area", spec_family.output_area)),
+        "transformer_config": _read_json(transformer_dir / "config.json"),
+        "parameters": {
+            "transformer": _count_parameters(transformer_dir),
+            "vae": _count_parameters(root / "vae"),
+            "text_encoder": _count_parameters(root / "text_encoder"),
+        },
+    }
+
+
+def save_tiny(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: int = 0) -> Path:
+    """Write the tiny preset of `family` as a diffusers-format folder (atomically)."""
+    import diffusers
+
+    from editkit.models.tiny import TINY_AREA, build_tiny
+    from editkit.utils.atomic import atomic_dir
+
+    spec = get_family(family)
+    tiny = build_tiny(spec.name, seed=seed)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        tiny.transformer.save_pretrained(tmp / "transformer")
+        tiny.vae.save_pretrained(tmp / "vae")
+        tiny.text_encoder.save_pretrained(tmp / "text_encoder")
+        tiny.tokenizer.save_pretrained(tmp / "tokenizer")
+        tiny.tokenizer.save_pretrained(tmp / "processor")
+        tiny.image_processor.save_pretrained(tmp / "processor")
+        tiny.scheduler.save_pretrained(tmp / "scheduler")
+        index = {
+            "_class_name": spec.pipeline_class,
+            "_diffusers_version": diffusers.__version__,
+            "_editkit_family": spec.name,
+            **{f"_editkit_{key}": TINY_AREA for key in _SIZE_KEYS},
+            "processor": ["transformers", "Qwen2VLProcessor"],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+            "tokenizer": ["transformers", "Qwen2Tokenizer"],
+            "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKLQwenImage"],
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out_dir

@@ -1,0 +1,84 @@
+"""EditModel facade on the tiny preset: shapes, packing, determinism, batching, errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from editkit.errors import UserError
+from editkit.infer.sampler import edit_images, sample
+from editkit.models import load_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("tiny:qwen-image-edit-2511", dtype="fp32", device="cpu")
+
+
+def _image(seed, size=(64, 64)):
+    return Image.fromarray((np.random.RandomState(seed).rand(size[1], size[0], 3) * 255).astype("uint8"))
+
+
+def test_pack_unpack_round_trip(model):
+    latents = torch.randn(3, 4, 6, 10)
+    packed = model.pack(latents)
+    assert packed.shape == (3, 15, 16)
+    assert torch.equal(model.unpack(packed, 6, 10), latents)
+
+
+def test_drop_index_is_the_system_prompt_length(model):
+    ids = model.tokenizer(model.family.prompt("x", 1))["input_ids"]
+    prefix = model.tokenizer(model.family.system_prompt)["input_ids"]
+    assert model.drop_idx == len(prefix) > 0
+    assert ids[: model.drop_idx] == prefix
+
+
+def test_edit_is_deterministic_per_seed(model):
+    img = _image(0)
+    a = edit_images(model, ["make it red"], [[img]], steps=2, seeds=[1], true_cfg_scale=1.0)[0]
+    b = edit_images(model, ["make it red"], [[img]], steps=2, seeds=[1], true_cfg_scale=1.0)[0]
+    c = edit_images(model, ["make it red"], [[img]], steps=2, seeds=[2], true_cfg_scale=1.0)[0]
+    assert a.size == (64, 64)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_instructions_give_different_embeddings(model):
+    embeds, mask = model.encode_prompt(["make it red", "remove the cat"], [[_image(0)], [_image(0)]])
+    assert embeds.shape[0] == 2 and mask.shape == embeds.shape[:2]
+    n = int(mask[0].sum())
+    assert not torch.allclose(embeds[0, :n], embeds[1, :n])
+
+
+def test_first_release_takes_one_image():
+    from editkit.models.families import get_family
+
+    with pytest.raises(UserError, match="at most 1"):
+        get_family("qwen-image-edit").prompt("x", 2)
+
+
+def test_unknown_family_is_a_user_error():
+    with pytest.raises(UserError, match="known families"):
+        load_model("tiny:nope", dtype="fp32", device="cpu")
+
+
+def test_predict_rejects_mixed_img_shapes(model):
+    x = torch.randn(2, 16, 16)
+    with pytest.raises(ValueError, match="img_shapes"):
+        model.predict(x, 0.5, torch.randn(2, 3, 64), None, [[(1, 4, 4)], [(1, 2, 8)]])
+
+
+def test_predict_is_differentiable(model):
+    x = torch.randn(1, 16, 16, requires_grad=True)
+    out = model.predict(x, 0.5, torch.randn(1, 3, 64), None, [[(1, 4, 4)]])
+    out.square().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_sample_uses_cfg_only_with_a_negative(model):
+    inputs = model.prepare(["make it red", "make it red"], [[_image(0)], [_image(0)]], negative_prompts=[" ", None])
+    out = sample(model, inputs, steps=2, true_cfg_scale=4.0, seeds=[3, 3])
+    assert not torch.allclose(out[0], out[1])
+    plain = model.prepare(["make it red"], [[_image(0)]])
+    ref = sample(model, plain, steps=2, true_cfg_scale=4.0, seeds=[3])
+    assert torch.allclose(out[1], ref[0], atol=1e-5)
