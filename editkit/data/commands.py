@@ -37,6 +37,131 @@ def synth(
     typer.echo(f"wrote {n} samples to {out} ({', '.join(p.name for p in paths.values())}, preview.png)")
 
 
+def _fields(field: list[str] | None) -> dict[str, str]:
+    from editkit.data.manifest import parse_field_overrides
+
+    return parse_field_overrides(field)
+
+
+def _output_format(out: Path, to: str | None) -> str:
+    """--to, else "folder" for a path without extension, else the pairs schema."""
+    if to:
+        return to
+    return "folder" if out.suffix == "" else "pairs"
+
+
+@data_app.command("validate")
+def validate(
+    manifest: Annotated[Path, typer.Argument(help="Manifest file (.json/.jsonl/.csv) or dataset folder.")],
+    format: FormatOpt = None,
+    field: FieldOpt = None,
+    workers: Annotated[int, typer.Option(help="Worker processes for decoding images.")] = _default_workers(),
+    no_images: Annotated[bool, typer.Option("--no-images", help="Check the manifest only, not the image files.")] = False,
+) -> None:
+    """Check a manifest: files exist and decode, masks match their image, instructions non-empty. Exit 2 on problems."""
+    from editkit.data.validate import validate_manifest
+
+    report = validate_manifest(manifest, format, _fields(field), workers=workers, check_images=not no_images)
+    for problem in report.problems:
+        typer.echo(problem.line())
+    if report.ok:
+        typer.echo(f"{manifest}: {report.records} records, no problems")
+        return
+    counts = ", ".join(f"{kind}: {count}" for kind, count in sorted(report.counts().items()))
+    typer.echo(f"{manifest}: {report.records} records, {len(report.problems)} problems ({counts})")
+    raise typer.Exit(2)
+
+
+@data_app.command("convert")
+def convert(
+    source: Annotated[Path, typer.Argument(help="Input manifest file or dataset folder.")],
+    out: Annotated[Path, typer.Argument(help="Output manifest (.json/.jsonl/.csv) or folder (no extension).")],
+    to: Annotated[Optional[str], typer.Option("--to", help="diffsynth, pairs or folder (default: folder for a path without extension, else pairs).")] = None,
+    format: FormatOpt = None,
+    field: FieldOpt = None,
+) -> None:
+    """Convert a manifest between formats (nothing is lost: extra fields travel as metadata)."""
+    from editkit.data.manifest import read_manifest, write_manifest
+
+    records = read_manifest(source, format, _fields(field))
+    write_manifest(records, out, _output_format(out, to))
+    typer.echo(f"wrote {len(records)} records to {out}")
+
+
+@data_app.command("build")
+def build(
+    out: Annotated[Path, typer.Option(help="Output folder (images/ and manifest.jsonl); re-running resumes.")],
+    source: Annotated[Optional[Path], typer.Argument(help="Dataset folder (sources/, targets/, masks/, prompts file) or any manifest.")] = None,
+    sources: Annotated[Optional[Path], typer.Option(help="Folder of source images (instead of SOURCE).")] = None,
+    targets: Annotated[Optional[Path], typer.Option(help="Folder of target images.")] = None,
+    masks: Annotated[Optional[Path], typer.Option(help="Folder of masks (white = edit region).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="Prompts file: .jsonl/.csv with id + instruction, or .txt 'id<TAB>instruction'.")] = None,
+    area: Annotated[Optional[int], typer.Option(help="Resize images to about this many pixels (e.g. 1048576), aspect kept.")] = None,
+    multiple: Annotated[int, typer.Option(help="Sides become multiples of this (16 or 32) when --area is given.")] = 32,
+    format: FormatOpt = None,
+    field: FieldOpt = None,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = _default_workers(),
+) -> None:
+    """Build a clean dataset (PNG, EXIF applied, binarised masks, optional resize) from folders, resumably."""
+    from editkit.data.build import build_dataset, records_from_folders
+    from editkit.data.manifest import read_manifest
+    from editkit.errors import UserError
+
+    folders = any(p is not None for p in (sources, targets, masks, prompts))
+    if folders == (source is not None):
+        raise UserError("give either SOURCE (a dataset folder or manifest) or --sources/--targets/--masks/--prompts")
+    if folders:
+        records = records_from_folders(sources, targets, masks, None, prompts, _fields(field))
+    else:
+        records = read_manifest(source, format, _fields(field))
+    manifest = build_dataset(records, out, area=area, multiple=multiple, workers=workers)
+    typer.echo(f"wrote {manifest}")
+
+
+@data_app.command("split")
+def split(
+    manifest: Annotated[Path, typer.Argument(help="Manifest file or dataset folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder for one manifest per split.")],
+    fractions: Annotated[str, typer.Option(help="NAME=FRACTION,... (normalised).")] = "train=0.9,val=0.05,test=0.05",
+    seed: Annotated[int, typer.Option(help="Shuffle seed (same seed, same split).")] = 0,
+    to: Annotated[str, typer.Option("--to", help="Output schema: pairs or diffsynth.")] = "pairs",
+    ext: Annotated[str, typer.Option(help="Output extension: jsonl, json or csv.")] = "jsonl",
+    format: FormatOpt = None,
+    field: FieldOpt = None,
+) -> None:
+    """Split a manifest deterministically into OUT/<name>.<ext> files."""
+    from editkit.data.manifest import read_manifest, write_manifest
+    from editkit.data.tools import parse_weights, split_records
+
+    records = read_manifest(manifest, format, _fields(field))
+    parts = split_records(records, parse_weights(fractions), seed)
+    for name, part in parts.items():
+        write_manifest(part, out / f"{name}.{ext.lstrip('.')}", to)
+    typer.echo(", ".join(f"{name}: {len(part)}" for name, part in parts.items()))
+
+
+@data_app.command("select")
+def select(
+    manifest: Annotated[Path, typer.Argument(help="Manifest file or dataset folder.")],
+    out: Annotated[Path, typer.Option(help="Output manifest (.json/.jsonl/.csv).")],
+    top: Annotated[int, typer.Option(help="How many records to keep.")],
+    by: Annotated[str, typer.Option(help="Metadata field holding the score (dotted for nested).")],
+    ascending: Annotated[bool, typer.Option(help="Keep the lowest scores instead of the highest.")] = False,
+    skip_missing: Annotated[bool, typer.Option(help="Skip records without a numeric score instead of failing.")] = False,
+    to: Annotated[str, typer.Option("--to", help="Output schema: pairs or diffsynth.")] = "pairs",
+    format: FormatOpt = None,
+    field: FieldOpt = None,
+) -> None:
+    """Keep the top N records by a score in their metadata (e.g. a 1000-sample evaluation subset)."""
+    from editkit.data.manifest import read_manifest, write_manifest
+    from editkit.data.tools import select_top
+
+    records = read_manifest(manifest, format, _fields(field))
+    chosen = select_top(records, top, by, ascending=ascending, skip_missing=skip_missing)
+    write_manifest(chosen, out, to)
+    typer.echo(f"wrote {len(chosen)} of {len(records)} records to {out}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the editkit app."""
     app.add_typer(data_app, name="data")

@@ -60,15 +60,20 @@ def _index_images(folder: Path, problems: list[RowError], allow_dirs: bool) -> d
     return found
 
 
-def _prompt_rows(folder: Path) -> list[Row]:
+def find_prompts_file(folder: Path) -> Path:
     present = [folder / n for n in PROMPT_FILES if (folder / n).is_file()]
     if len(present) > 1:
         raise UserError(f"{folder}: several prompts files ({', '.join(p.name for p in present)}); keep one")
     if not present:
         raise UserError(f"{folder}: no prompts file; add prompts.jsonl, prompts.csv or prompts.txt "
                         "(one instruction per record id)")
-    path = present[0]
-    if path.suffix != ".txt":
+    return present[0]
+
+
+def _prompt_rows(path: Path) -> list[Row]:
+    if not path.is_file():
+        raise UserError(f"{path}: prompts file not found; check the path")
+    if path.suffix.lower() != ".txt":
         return list(read_rows(path))
     rows = []
     try:
@@ -91,13 +96,23 @@ def _prompt_rows(folder: Path) -> list[Row]:
 def parse_folder(folder: Path, fields: dict[str, str] | None = None,
                  ) -> tuple[list[tuple[str, EditRecord]], list[RowError]]:
     """(where, record) for every good record of a folder dataset and a RowError for every bad one."""
+    return parse_layout({name: folder / name for name in IMAGE_DIRS}, find_prompts_file(folder), fields)
+
+
+def parse_layout(dirs: dict[str, Path | None], prompts: Path, fields: dict[str, str] | None = None,
+                 ) -> tuple[list[tuple[str, EditRecord]], list[RowError]]:
+    """Like parse_folder, with each image folder ("sources", "targets", "masks", "ref_gt") given apart."""
+    for name, path in dirs.items():
+        if path is not None and path.exists() and not path.is_dir():
+            raise UserError(f"{path}: the {name} folder is a file; give a folder of images")
     problems: list[RowError] = []
-    images = {name: _index_images(folder / name, problems, allow_dirs=name == "sources") for name in IMAGE_DIRS}
+    images = {name: _index_images(path, problems, allow_dirs=name == "sources") if path else {}
+              for name, path in ((n, dirs.get(n)) for n in IMAGE_DIRS)}
     good: list[tuple[str, EditRecord]] = []
     seen: dict[str, str] = {}
-    for row in _prompt_rows(folder):
+    for row in _prompt_rows(prompts):
         try:
-            record = row_to_record(row, "pairs", folder, fields)
+            record = row_to_record(row, "pairs", prompts.parent, fields)
         except RowError as err:
             problems.append(err)
             continue

@@ -178,7 +178,7 @@ def detect_schema(rows: list[Row], fields: dict[str, str] | None, where: Path) -
         return "pairs"  # no object to judge by: each entry reports its own problem
     votes = {}
     for name, schema in SCHEMAS.items():
-        columns = {_column(schema, attr, fields) for attr in ("instruction", "sources", "target")}
+        columns = {column_name(schema, attr, fields) for attr in ("instruction", "sources", "target")}
         votes[name] = len(columns & keys)
     best = max(votes.values())
     winners = [n for n, v in votes.items() if v == best]
@@ -188,7 +188,7 @@ def detect_schema(rows: list[Row], fields: dict[str, str] | None, where: Path) -
     return winners[0]
 
 
-def _column(schema: dict[str, str], attr: str, fields: dict[str, str] | None) -> str:
+def column_name(schema: dict[str, str], attr: str, fields: dict[str, str] | None) -> str:
     """The file's column for a record attribute, after overrides keyed by schema or record name."""
     name = schema[attr]
     if fields:
@@ -213,28 +213,28 @@ def row_to_record(row: Row, schema_name: str, base_dir: Path, fields: dict[str, 
     data = dict(row.data)
     values: dict[str, Any] = {}
     for attr in schema:
-        column = _column(schema, attr, fields)
+        column = column_name(schema, attr, fields)
         if column in data:
             values[attr] = data.pop(column)
     if row.csv:
-        values["sources"] = _csv_list(values.get("sources"), row, _column(schema, "sources", fields))
+        values["sources"] = _csv_list(values.get("sources"), row, column_name(schema, "sources", fields))
         data = {k: _csv_cell(v) for k, v in data.items()}
 
     kwargs: dict[str, Any] = {}
     for attr in TEXT_FIELDS:
         value = values.get(attr)
-        column = _column(schema, attr, fields)
+        column = column_name(schema, attr, fields)
         if attr == "id" and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
         if value is not None and not isinstance(value, str):
             raise RowError(row.where, column, "not-text", f"must be text, found {type(value).__name__}")
         kwargs[attr] = value
     if kwargs["instruction"] is None:
-        raise RowError(row.where, _column(schema, "instruction", fields), "missing-instruction",
+        raise RowError(row.where, column_name(schema, "instruction", fields), "missing-instruction",
                        "is missing; every record needs an instruction (use --field to name another column)")
     for attr in PATH_FIELDS:
-        kwargs[attr] = _path(values.get(attr), row, _column(schema, attr, fields), base_dir)
-    kwargs["sources"] = _sources(values.get("sources"), row, _column(schema, "sources", fields), base_dir)
+        kwargs[attr] = _path(values.get(attr), row, column_name(schema, attr, fields), base_dir)
+    kwargs["sources"] = _sources(values.get("sources"), row, column_name(schema, "sources", fields), base_dir)
 
     metadata = data.pop("metadata", None)
     if metadata is not None and not isinstance(metadata, dict):
@@ -315,7 +315,7 @@ def parse_table(path: Path, schema: str | None = None, fields: dict[str, str] | 
             continue
         if record.id is not None:
             if record.id in first_seen:
-                problems.append(RowError(row.where, _column(SCHEMAS[schema], "id", fields), "duplicate-id",
+                problems.append(RowError(row.where, column_name(SCHEMAS[schema], "id", fields), "duplicate-id",
                                          f"id {record.id!r} already used at {first_seen[record.id]}; ids must be unique"))
                 continue
             first_seen[record.id] = row.where

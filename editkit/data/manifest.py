@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from editkit.data.folder import is_folder_dataset, parse_folder, write_folder
-from editkit.data.formats import SCHEMAS, RowError, check_fields, parse_table, write_table
+from editkit.data.formats import SCHEMAS, RowError, check_fields, detect_schema, parse_table, read_rows, write_table
 from editkit.data.records import EditRecord
 from editkit.errors import UserError
 
@@ -37,6 +37,23 @@ def parse_field_overrides(items: list[str] | None) -> dict[str, str]:
         out[key.strip()] = value.strip()
     check_fields(out)
     return out
+
+
+def detect_format(path: str | os.PathLike, format: str | None = None, fields: dict[str, str] | None = None) -> str:
+    """The manifest's format: the given one, "folder" for a folder, else the schema its fields match."""
+    path = Path(path)
+    format = normalize_format(format)
+    if format is not None:
+        return format
+    if path.is_dir():
+        return "folder"
+    check_fields(fields)
+    rows = []
+    for row in read_rows(path):
+        rows.append(row)
+        if len(rows) >= 100:
+            break
+    return detect_schema(rows, fields, path) if rows else "pairs"
 
 
 def parse_manifest(path: str | os.PathLike, format: str | None = None, fields: dict[str, str] | None = None,

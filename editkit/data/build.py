@@ -1,0 +1,131 @@
+"""`editkit data build`: a clean, self-contained dataset from folders (or any manifest).
+
+Every image goes through the image policy (EXIF orientation, RGB, optional resize to a pixel
+area with sides a multiple of 16/32) and is written as PNG under OUT/images/<id>/; masks are
+binarised and sized to their target. Work runs in a process pool with a progress bar; each
+file is written atomically and a record whose files all exist is skipped, so a killed build
+resumes where it stopped. The manifest (pairs format, paths relative to OUT) is written last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from editkit.data.folder import IMAGE_DIRS, parse_layout
+from editkit.data.images import load_image, load_mask, resize_to_area
+from editkit.data.manifest import write_manifest
+from editkit.data.records import EditRecord
+from editkit.errors import UserError
+from editkit.utils.atomic import atomic_path
+from editkit.utils.progress import console, track
+from editkit.utils.runinfo import write_run_manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    out: Path
+    area: int | None = None
+    multiple: int = 32
+
+
+def _outputs(record: EditRecord, out: Path) -> dict[str, Path]:
+    folder = out / "images" / record.id
+    paths = {f"source_{i}": folder / f"source_{i}.png" for i in range(len(record.sources))}
+    for attr in ("target", "mask", "ref_gt"):
+        if getattr(record, attr) is not None:
+            paths[attr] = folder / f"{attr}.png"
+    return paths
+
+
+def _save(img: Image.Image, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def _sized(img: Image.Image, opts: BuildOptions) -> Image.Image:
+    return resize_to_area(img, opts.area, opts.multiple) if opts.area else img
+
+
+def build_record(args: tuple[EditRecord, BuildOptions]) -> tuple[EditRecord | None, str | None, bool]:
+    """(built record, problem, skipped): process one record's images; a UserError becomes the problem."""
+    record, opts = args
+    outputs = _outputs(record, opts.out)
+    built = dataclasses.replace(
+        record, sources=[outputs[f"source_{i}"] for i in range(len(record.sources))],
+        target=outputs.get("target"), mask=outputs.get("mask"), ref_gt=outputs.get("ref_gt"),
+        metadata=dict(record.metadata))
+    if all(p.is_file() for p in outputs.values()):
+        return built, None, True
+    try:
+        images = {f"source_{i}": _sized(load_image(p), opts) for i, p in enumerate(record.sources)}
+        for attr in ("target", "ref_gt"):
+            if getattr(record, attr) is not None:
+                images[attr] = _sized(load_image(getattr(record, attr)), opts)
+        if record.mask is not None:
+            reference = images.get("target", images.get("source_0"))
+            images["mask"] = load_mask(record.mask, size=reference.size if reference is not None else None)
+    except UserError as err:
+        return None, f"record {record.id!r}: {err}", False
+    for key, img in images.items():
+        _save(img, outputs[key])
+    return built, None, False
+
+
+def records_from_folders(sources: Path | None = None, targets: Path | None = None, masks: Path | None = None,
+                         ref_gt: Path | None = None, prompts: Path | None = None,
+                         fields: dict[str, str] | None = None) -> list[EditRecord]:
+    """Records matched by id across separate image folders and a prompts file (see editkit.data.folder)."""
+    given = {"sources": sources, "targets": targets, "masks": masks, "ref_gt": ref_gt}
+    for name, path in given.items():
+        if path is not None and not path.is_dir():
+            raise UserError(f"{path}: --{name.replace('_', '-')} folder not found; give an existing folder")
+    if prompts is None:
+        raise UserError("--prompts is required with image folders (prompts.jsonl, .csv or .txt with one entry per id)")
+    good, problems = parse_layout({name: given[name] for name in IMAGE_DIRS}, prompts, fields)
+    _raise_first(problems)
+    return [r for _, r in good]
+
+
+def _raise_first(problems: list) -> None:
+    if problems:
+        more = f" (and {len(problems) - 1} more; run `editkit data validate`)" if len(problems) > 1 else ""
+        raise UserError(f"{problems[0]}{more}")
+
+
+def build_dataset(records: list[EditRecord], out: str | os.PathLike, area: int | None = None, multiple: int = 32,
+                  workers: int = 1, manifest_name: str = "manifest.jsonl", progress: bool = True) -> Path:
+    """Normalise every record's images into `out`; returns the written manifest. Resumable."""
+    out = Path(out)
+    if area is not None and area < multiple * multiple:
+        raise UserError(f"--area {area} is smaller than one {multiple}x{multiple} tile")
+    for record in records:
+        if not record.id or "/" in record.id or "\\" in record.id or record.id in (".", ".."):
+            raise UserError(f"record id {record.id!r} cannot be a folder name; ids must not contain '/'")
+    opts = BuildOptions(out.resolve(), area, multiple)
+    jobs = [(r, opts) for r in records]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        with mp.Pool(workers) as pool:
+            results = list(track(pool.imap(build_record, jobs, chunksize=4), "building", total=len(jobs),
+                                 unit="records", disable=not progress))
+    else:
+        results = list(track(map(build_record, jobs), "building", total=len(jobs), unit="records",
+                             disable=not progress))
+    built = [r for r, _, _ in results if r is not None]
+    failed = [msg for _, msg, _ in results if msg]
+    skipped = sum(1 for _, _, s in results if s)
+    for msg in failed:
+        console.print(f"skipped {msg}", markup=False, highlight=False)
+    if skipped:
+        console.print(f"{skipped} records already built (kept)", markup=False)
+    manifest = write_manifest(built, out / manifest_name, "pairs")
+    write_run_manifest(out, "data build", {"area": area, "multiple": multiple, "records": len(records)},
+                       name="build.json", built=len(built), failed=len(failed), reused=skipped)
+    return manifest
+
