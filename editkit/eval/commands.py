@@ -1,7 +1,100 @@
-"""CLI commands of this area (registered by editkit.cli)."""
+"""CLI commands of this area: `editkit eval` and `editkit compare`."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
 
 import typer
+
+from editkit.errors import UserError
+
+
+def expand_dirs(patterns: list[str]) -> list[Path]:
+    """Folders named or matched by glob patterns, in order, without duplicates."""
+    out: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise UserError(f"--pred {pattern}: the pattern matches nothing")
+        out += [Path(m) for m in matches if Path(m).is_dir() or not glob.has_magic(pattern)]
+    return list(dict.fromkeys(out))
+
+
+def parse_weights(items: list[str]) -> dict[str, Path]:
+    weights = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--weights {item}: expected NAME=PATH, e.g. --weights clip=/models/clip-vit-base-patch32")
+        weights[name.strip()] = Path(path).expanduser()
+    return weights
+
+
+def parse_metrics(items: list[str] | None) -> list[str] | None:
+    if not items:
+        return None
+    return [name.strip() for item in items for name in item.split(",") if name.strip()]
+
+
+def eval_command(
+    pred: list[str] = typer.Option(..., "--pred", help="Prediction folder(s) of <id>.png; repeat or use a glob "
+                                                        "(one run per folder, named by the folder)."),
+    data: Path = typer.Option(..., "--data", help="Manifest of the evaluated records (ground truth, masks, sources)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (per_sample.csv, summary.json, cache/)."),
+    metrics: list[str] = typer.Option(None, "--metrics", help="Metric groups, comma-separated: pixel, seam, effnet, "
+                                                              "fid, clip, dino, dinov3, siglip2, dreamsim, lpips. "
+                                                              "Default: pixel,seam,effnet,fid + those with --weights."),
+    weights: list[str] = typer.Option([], "--weights", help="NAME=PATH: a weights folder for a feature metric "
+                                                            "(HF format), e.g. clip=/models/clip-vit-base-patch32."),
+    format: str = typer.Option(None, "--format", help="Manifest format (default: detected)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Samples per feature-model batch."),
+    device: str = typer.Option(None, "--device", help="Torch device (default: this rank's GPU, else CPU)."),
+) -> None:
+    """Score prediction folders against a manifest (resumable; shard with torchrun)."""
+    import json
+
+    from editkit.data import read_manifest
+    from editkit.eval.runner import evaluate
+    from editkit.utils.runinfo import write_run_manifest
+
+    records = read_manifest(data, format=format)
+    weight_map = parse_weights(weights)
+    summary = evaluate(expand_dirs(pred), records, out, parse_metrics(metrics), weight_map, batch_size,
+                       device=device, manifest=data)
+    if summary is None:
+        return
+    write_run_manifest(out, "eval", {"pred": pred, "data": str(data), "metrics": summary["metric_groups"],
+                                     "weights": {k: str(v) for k, v in weight_map.items()}})
+    typer.echo(f"resize policy: {summary['resize_policy']}")
+    for reason in summary["unavailable"].values():
+        typer.echo(f"unavailable: {reason}")
+    for name, run in summary["runs"].items():
+        shown = {k: round(v, 4) for k, v in run["means"].items() if v is not None and k in
+                 ("psnr", "ssim", "mae", "psnr_out", "ssim_out", "effnet_sim", "clip_i", "dino", "fid_effnet")}
+        typer.echo(f"{name}: {run['n_evaluated']}/{run['n_records']} evaluated, {run['n_missing']} missing "
+                   f"{json.dumps(shown)}")
+    typer.echo(f"computed {summary['computed']} new sample(s); wrote {out}/per_sample.csv and {out}/summary.json")
+
+
+def compare_command(
+    runs: list[Path] = typer.Argument(..., help="Eval output folders (each with per_sample.csv) to compare."),
+    baseline: str = typer.Option(None, "--baseline", help="Run name to take paired differences against "
+                                                          "(default: the first run)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (compare.csv/json, plots, report.html)."),
+    n_boot: int = typer.Option(2000, "--n-boot", min=100, help="Bootstrap resamples."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    title: str = typer.Option("editkit comparison", "--title", help="Report title."),
+) -> None:
+    """Compare evaluated runs: bootstrap CIs, paired differences, per-category breakdowns, plots, HTML report."""
+    from editkit.eval.compare import compare_runs
+
+    result = compare_runs(runs, out, baseline=baseline, n_boot=n_boot, seed=seed, title=title)
+    typer.echo(f"baseline: {result['baseline']}; runs: {', '.join(result['runs'])}")
+    typer.echo(f"wrote {out}/compare.csv, {out}/compare.json, {out}/report.html")
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the editkit app."""
+    app.command("eval")(eval_command)
+    app.command("compare")(compare_command)

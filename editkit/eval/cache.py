@@ -1,0 +1,86 @@
+"""Per-sample result cache: one small JSON file per (run, record), written atomically.
+
+An entry remembers the prediction file's size and mtime; a changed prediction invalidates it.
+Feature vectors (for FID/KID) are stored as base64 float32 so the files stay small.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from editkit.utils.atomic import write_json
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def entry_path(cache_dir: Path, run: str, record_id: str) -> Path:
+    """A file name that is safe for any id (ids may contain slashes or spaces)."""
+    safe = _UNSAFE.sub("_", record_id)[:80]
+    if safe != record_id:
+        safe += "-" + hashlib.sha1(record_id.encode()).hexdigest()[:8]
+    return Path(cache_dir) / run / f"{safe}.json"
+
+
+def stamp(path: Path) -> list[int]:
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def encode_vector(vector: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(vector, np.float32).tobytes()).decode("ascii")
+
+
+def decode_vector(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=np.float32)
+
+
+def _json_value(value: float) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+class Entry:
+    """Cached values and feature vectors of one prediction."""
+
+    def __init__(self, stamp_: list[int], values: dict | None = None, features: dict | None = None):
+        self.stamp = stamp_
+        self.values: dict[str, float] = values or {}
+        self.features: dict[str, str] = features or {}
+
+    def has(self, columns) -> bool:
+        return all(c in self.values for c in columns)
+
+    def value(self, column: str) -> float:
+        v = self.values.get(column)
+        return math.nan if v is None else float(v)
+
+    def update(self, row: dict) -> None:
+        for key, value in row.items():
+            if key.startswith("_"):
+                self.features[key[1:]] = encode_vector(value)
+            else:
+                self.values[key] = _json_value(value)
+
+    def feature(self, name: str) -> np.ndarray | None:
+        return decode_vector(self.features[name]) if name in self.features else None
+
+    def save(self, path: Path) -> None:
+        write_json(path, {"stamp": self.stamp, "values": self.values, "features": self.features}, indent=None)
+
+
+def load_entry(path: Path, pred_path: Path) -> Entry:
+    """The cached entry if it belongs to the current prediction file, else an empty one."""
+    current = stamp(pred_path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return Entry(current)
+    if data.get("stamp") != current:
+        return Entry(current)
+    return Entry(current, data.get("values"), data.get("features"))

@@ -1,0 +1,338 @@
+"""`editkit eval`: score prediction folders against a manifest.
+
+Predictions are matched to records by id (`<pred_dir>/<id>.png`, or .jpg/.jpeg/.webp). Each
+(run, record) result is cached under `<out>/cache/<run>/`; a re-run computes only what is missing
+(new predictions, new metrics, changed files). Records are sharded across processes by rank
+(torchrun / accelerate); each rank writes its cache entries and a `done` marker, and rank 0 waits
+for all markers and merges everything into `per_sample.csv` and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from editkit.data.records import EditRecord
+from editkit.errors import UserError
+from editkit.eval.cache import Entry, entry_path, load_entry
+from editkit.eval.sample import RESIZE_POLICY, Sample, load_sample, to_array
+from editkit.utils import dist
+from editkit.utils.atomic import write_json, write_text
+from editkit.utils.progress import make_progress
+
+PRED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+INFO_COLUMNS = ("run", "id", "task", "edit_type", "instruction", "pred", "target", "sources", "mask")
+CLIP_T_TEXT = "metadata target_caption / output_caption / caption when present, else the instruction"
+MERGE_TIMEOUT_S = 24 * 3600
+
+
+@dataclass
+class Run:
+    name: str
+    pred_dir: Path
+
+
+@dataclass
+class Work:
+    run: Run
+    record: EditRecord
+    pred_path: Path
+    entry: Entry
+    groups: list[str] = field(default_factory=list)
+
+
+def runs_from_dirs(pred_dirs: list[Path]) -> list[Run]:
+    """One run per folder, named by the folder; two folders with one name are refused."""
+    runs: dict[str, Run] = {}
+    for d in pred_dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise UserError(f"--pred {d}: not a folder; pass folders of <id>.png predictions")
+        if d.name in runs:
+            raise UserError(f"--pred {d}: run name '{d.name}' is also {runs[d.name].pred_dir}; rename one folder")
+        runs[d.name] = Run(d.name, d)
+    if not runs:
+        raise UserError("--pred: no prediction folders given (a glob that matched nothing?)")
+    return list(runs.values())
+
+
+def find_prediction(pred_dir: Path, record_id: str) -> Path | None:
+    for ext in PRED_EXTENSIONS:
+        path = pred_dir / f"{record_id}{ext}"
+        if path.is_file():
+            return path
+    return None
+
+
+def resolve_groups(groups: list[str] | None, weights: dict[str, Path]) -> list[str]:
+    """Requested metric groups (default + any with weights), checked; `fid` brings in `effnet`."""
+    from editkit.eval.metrics import ALL_GROUPS, DEFAULT_GROUPS, FEATURE_METRICS
+
+    for name in weights:
+        if name not in FEATURE_METRICS or not FEATURE_METRICS[name].needs_weights:
+            known = ", ".join(n for n, c in FEATURE_METRICS.items() if c.needs_weights)
+            raise UserError(f"--weights {name}=...: unknown metric '{name}'; one of: {known}")
+    chosen = list(groups) if groups else [*DEFAULT_GROUPS, *weights]
+    for name in chosen:
+        if name not in ALL_GROUPS:
+            raise UserError(f"--metrics: unknown metric '{name}'; choose from {', '.join(ALL_GROUPS)}")
+    if "fid" in chosen and "effnet" not in chosen:
+        chosen.append("effnet")
+    return list(dict.fromkeys(chosen))
+
+
+def _needs(entry: Entry, group: str) -> bool:
+    from editkit.eval.metrics import columns_of
+
+    if group == "fid":
+        return False  # run-level, from the effnet features
+    return not entry.has(columns_of(group))
+
+
+def _default_device():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+class FeatureModels:
+    """Feature metrics, loaded on first use; unavailable ones remember their one-line reason."""
+
+    def __init__(self, weights: dict[str, Path], device):
+        self.weights, self.device = weights, device
+        self.loaded: dict = {}
+        self.unavailable: dict[str, str] = {}
+
+    def get(self, name: str):
+        from editkit.eval.metrics import FEATURE_METRICS, Unavailable
+
+        if name in self.unavailable:
+            return None
+        if name not in self.loaded:
+            metric = FEATURE_METRICS[name]()
+            try:
+                metric.load(self.weights.get(name), self.device)
+            except Unavailable as why:
+                self.unavailable[name] = str(why)
+                return None
+            self.loaded[name] = metric
+        return self.loaded[name]
+
+    def check(self, names: list[str]) -> None:
+        """Record why metrics that need weights have none, without loading anything."""
+        from editkit.eval.metrics import FEATURE_METRICS
+
+        for name in names:
+            reason = FEATURE_METRICS[name].unavailable_reason(self.weights.get(name)) \
+                if name in FEATURE_METRICS else None
+            if reason:
+                self.unavailable[name] = reason
+
+
+def _sample_metrics(sample: Sample, groups: list[str]) -> dict:
+    from editkit.eval.metrics.pixel import COLUMNS as PIXEL_COLUMNS
+    from editkit.eval.metrics.pixel import pixel_metrics
+    from editkit.eval.metrics.seams import seam_metrics
+
+    out: dict = {}
+    pred = to_array(sample.pred)
+    target = to_array(sample.target) if sample.target is not None else None
+    if "pixel" in groups:
+        out.update(pixel_metrics(pred, target, sample.mask) if target is not None
+                   else dict.fromkeys(PIXEL_COLUMNS, math.nan))
+    if "seam" in groups:
+        source = to_array(sample.sources[0]) if sample.sources else None
+        out.update(seam_metrics(pred, sample.mask, source, target))
+    return out
+
+
+def compute_batch(batch: list[Work], cache_dir: Path, models: FeatureModels) -> None:
+    """Compute what each work item lacks and save its cache entry."""
+    from editkit.eval.metrics import FEATURE_METRICS, SAMPLE_GROUPS
+
+    samples = [load_sample(w.record, w.pred_path) for w in batch]
+    for w, sample in zip(batch, samples):
+        groups = [g for g in w.groups if g in SAMPLE_GROUPS]
+        if groups:
+            w.entry.update(_sample_metrics(sample, groups))
+    for name in FEATURE_METRICS:
+        idx = [i for i, w in enumerate(batch) if name in w.groups]
+        if not idx:
+            continue
+        metric = models.get(name)
+        if metric is None:
+            continue
+        for i, row in zip(idx, metric.compute([samples[i] for i in idx])):
+            batch[i].entry.update(row)
+    for w in batch:
+        w.entry.save(entry_path(cache_dir, w.run.name, w.record.id))
+
+
+def plan(runs: list[Run], records: list[EditRecord], groups: list[str], cache_dir: Path,
+         models: FeatureModels) -> list[Work]:
+    """This rank's work: predictions that exist and lack some available metric."""
+    work = []
+    for run in runs:
+        for record in dist.shard(records):
+            pred = find_prediction(run.pred_dir, record.id)
+            if pred is None:
+                continue
+            entry = load_entry(entry_path(cache_dir, run.name, record.id), pred)
+            todo = [g for g in groups if g not in models.unavailable and _needs(entry, g)]
+            if todo:
+                work.append(Work(run, record, pred, entry, todo))
+    return work
+
+
+def _marker(out_dir: Path, rank: int) -> Path:
+    return out_dir / "parts" / f"done-rank{rank}.json"
+
+
+def _job_token() -> str:
+    return os.environ.get("TORCHELASTIC_RUN_ID") or f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+
+
+def _wait_for_ranks(out_dir: Path, world: int, since: float, timeout_s: float) -> dict[str, str]:
+    """Rank 0 waits for every rank's marker of this job; returns their unavailable-metric reasons."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+    deadline = time.monotonic() + timeout_s
+    reasons: dict[str, str] = {}
+    pending = set(range(world))
+    while pending:
+        for r in sorted(pending):
+            try:
+                data = json.loads(_marker(out_dir, r).read_text())
+            except (OSError, ValueError):
+                continue
+            if data.get("job") == _job_token() and data.get("time", 0) >= since - 600:
+                reasons.update(data.get("unavailable", {}))
+                pending.discard(r)
+        if pending:
+            if time.monotonic() > deadline:
+                raise UserError(f"{out_dir}/parts: ranks {sorted(pending)} did not finish in {timeout_s:.0f} s; "
+                                "run the same command again to resume")
+            time.sleep(1.0)
+    return reasons
+
+
+def evaluate(pred_dirs: list[Path], records: list[EditRecord], out_dir: Path, groups: list[str] | None = None,
+             weights: dict[str, Path] | None = None, batch_size: int = 8, device=None,
+             manifest: Path | None = None, show_progress: bool = True) -> dict | None:
+    """Score every prediction folder; returns the summary on rank 0 (None on other ranks)."""
+    from editkit.eval.metrics import FEATURE_METRICS
+
+    start = time.time()
+    out_dir = Path(out_dir)
+    weights = {k: Path(v) for k, v in (weights or {}).items()}
+    groups = resolve_groups(groups, weights)
+    runs = runs_from_dirs(pred_dirs)
+    if not records:
+        raise UserError(f"{manifest or 'manifest'}: no records to evaluate")
+    cache_dir = out_dir / "cache"
+    models = FeatureModels(weights, device or _default_device())
+    models.check(list(FEATURE_METRICS))  # every metric lacking weights gets its "how to enable" line
+    work = plan(runs, records, groups, cache_dir, models)
+    with make_progress("sample", disable=not show_progress) as progress:
+        task = progress.add_task(f"eval rank {dist.rank()}", total=len(work), status="")
+        for i in range(0, len(work), batch_size):
+            batch = work[i:i + batch_size]
+            compute_batch(batch, cache_dir, models)
+            progress.advance(task, len(batch))
+    write_json(_marker(out_dir, dist.rank()), {"job": _job_token(), "time": time.time(),
+                                                "computed": len(work), "unavailable": models.unavailable})
+    if dist.rank() != 0:
+        return None
+    if dist.world_size() > 1:
+        models.unavailable.update(_wait_for_ranks(out_dir, dist.world_size(), start, MERGE_TIMEOUT_S))
+    summary = merge(runs, records, groups, out_dir, models.unavailable, manifest)
+    summary["computed"] = len(work)
+    write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _category(record: EditRecord) -> str:
+    meta = record.metadata or {}
+    return str(meta.get("edit_type") or meta.get("category") or "")
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def merge(runs: list[Run], records: list[EditRecord], groups: list[str], out_dir: Path,
+          unavailable: dict[str, str], manifest: Path | None) -> dict:
+    """Combine all cache entries into per_sample.csv and the summary (rank 0)."""
+    from editkit.eval.metrics import RUN_GROUPS, columns_of
+    from editkit.eval.metrics.distribution import fid_kid_from_features
+
+    cache_dir = out_dir / "cache"
+    metric_columns = [c for g in groups if g not in RUN_GROUPS and g not in unavailable for c in columns_of(g)]
+    rows, run_summaries = [], {}
+    for run in runs:
+        missing, evaluated, real, fake = [], 0, [], []
+        values: dict[str, list[float]] = {c: [] for c in metric_columns}
+        for record in records:
+            pred = find_prediction(run.pred_dir, record.id)
+            if pred is None:
+                missing.append(record.id)
+                continue
+            entry = load_entry(entry_path(cache_dir, run.name, record.id), pred)
+            evaluated += 1
+            row = {"run": run.name, "id": record.id, "task": record.task or "", "edit_type": _category(record),
+                   "instruction": record.instruction, "pred": str(pred),
+                   "target": str(record.target or ""), "sources": json.dumps([str(s) for s in record.sources]),
+                   "mask": str(record.mask or "")}
+            for c in metric_columns:
+                row[c] = entry.value(c)
+                values[c].append(row[c])
+            rows.append(row)
+            f_pred, f_target = entry.feature("effnet_pred"), entry.feature("effnet_target")
+            if f_pred is not None and f_target is not None:
+                fake.append(f_pred)
+                real.append(f_target)
+        means = {c: _nanmean(v) for c, v in values.items()}
+        summary = {"pred_dir": str(run.pred_dir), "n_records": len(records), "n_evaluated": evaluated,
+                   "n_missing": len(missing), "missing": missing, "means": means}
+        if "fid" in groups and "effnet" not in unavailable:
+            summary["means"].update(fid_kid_from_features(np.stack(real) if real else np.zeros((0, 1280)),
+                                                          np.stack(fake) if fake else np.zeros((0, 1280))))
+        run_summaries[run.name] = summary
+    header = [*INFO_COLUMNS, *metric_columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _fmt(row.get(k)) for k in header})
+    write_text(out_dir / "per_sample.csv", buf.getvalue())
+    write_text(out_dir / "missing.txt", "".join(f"{name}\t{i}\n" for name, s in run_summaries.items()
+                                                for i in s["missing"]))
+    return {
+        "manifest": str(manifest) if manifest else None,
+        "resize_policy": RESIZE_POLICY,
+        "clip_t_text": CLIP_T_TEXT,
+        "metric_groups": groups,
+        "columns": metric_columns,
+        "unavailable": unavailable,
+        "runs": run_summaries,
+    }
+
+
+def _nanmean(values: list[float]) -> float | None:
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()) if arr.size else None
