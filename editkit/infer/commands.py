@@ -1,7 +1,264 @@
-"""CLI commands of this area (registered by editkit.cli)."""
+"""`editkit edit`, `editkit chat`, `editkit infer` and `editkit lora convert|inspect` (thin wrappers)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
+
+ModelOpt = Annotated[str, typer.Option("--model", help="A diffusers-format model folder, or tiny / tiny:<family>.")]
+FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Model family, when the folder does not say.")]
+TransformerOpt = Annotated[Optional[Path], typer.Option("--transformer", help="Take the transformer from this folder.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:1, cpu (default: cuda if available).")]
+LoraOpt = Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file, PATH or PATH:SCALE (repeatable; any key layout).")]
+FuseOpt = Annotated[bool, typer.Option("--fuse-lora", help="Merge the LoRAs into the weights (faster sampling).")]
+StepsOpt = Annotated[int, typer.Option("--steps", help="Sampling steps.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Noise seed.")]
+NegativeOpt = Annotated[str, typer.Option("--negative", help="Negative prompt for true CFG.")]
+SamplerOpt = Annotated[str, typer.Option("--sampler", help="flow (flow matching, true CFG) or bridge (LBM-trained models).")]
+FusionOpt = Annotated[str, typer.Option("--fusion", help="off, pixel-mask or latent-mask (needs a mask; white = edit).")]
+FeatherOpt = Annotated[int, typer.Option("--feather", help="Pixel-mask seam width in pixels.")]
+WidthOpt = Annotated[Optional[int], typer.Option("--width", help="Output width (default: the family's area at the source's aspect).")]
+HeightOpt = Annotated[Optional[int], typer.Option("--height", help="Output height.")]
+
+
+def _engine(model: str, family, transformer, dtype: str, device, lora, fuse_lora: bool):
+    """Load the model (and LoRAs) into an Engine; LoRA specs are checked before the slow load."""
+    import torch
+
+    from editkit.infer.engine import Engine
+    from editkit.models import load_model
+    from editkit.models.lora import LoraSpec
+
+    specs = [LoraSpec.parse(s) for s in lora or []]
+    if dtype == "auto":
+        on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        dtype = "bf16" if on_gpu else "fp32"
+    engine = Engine(load_model(model, family=family, transformer=transformer, dtype=dtype, device=device),
+                    model_name=str(model))
+    if specs:
+        engine.load_loras(specs, fuse=fuse_lora)
+    return engine
+
+
+def _step_bar():
+    """A progress callback drawing a rich bar over sampling steps."""
+    from editkit.utils.progress import make_progress
+
+    progress = make_progress("step")
+    state = {}
+
+    def callback(step: int, total: int) -> None:
+        if "task" not in state:
+            progress.start()
+            state["task"] = progress.add_task("edit", total=total, status="")
+        progress.update(state["task"], completed=step)
+        if step >= total:
+            progress.stop()
+            state.clear()
+
+    return callback
+
+
+def edit_command(
+    image: Annotated[list[Path], typer.Option("--image", help="Source image (repeat for several).")],
+    prompt: Annotated[str, typer.Option("--prompt", help="The edit instruction.")],
+    out: Annotated[Path, typer.Option("--out", help="Output PNG (settings stored in its text chunk).")],
+    model: ModelOpt = "tiny",
+    negative: NegativeOpt = " ",
+    cfg: Annotated[float, typer.Option("--cfg", help="True CFG scale (1 turns CFG off).")] = 4.0,
+    steps: StepsOpt = 40,
+    seed: SeedOpt = 0,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    mask: Annotated[Optional[Path], typer.Option("--mask", help="Mask image, white = edit region.")] = None,
+    fusion: FusionOpt = "off",
+    feather: FeatherOpt = 8,
+    sampler: SamplerOpt = "flow",
+    lora: LoraOpt = None,
+    fuse_lora: FuseOpt = False,
+    family: FamilyOpt = None,
+    transformer: TransformerOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+) -> None:
+    """Edit one image (or several source images) with an instruction."""
+    from editkit.data.images import load_image, load_mask
+    from editkit.infer.engine import EditRequest
+    from editkit.infer.outputs import save_png
+
+    request = EditRequest(prompt=prompt, images=[load_image(p) for p in image], negative_prompt=negative,
+                          true_cfg_scale=cfg, steps=steps, seed=seed, width=width, height=height,
+                          mask=load_mask(mask) if mask else None, fusion=fusion, feather=feather,
+                          sampler=sampler).check()
+    engine = _engine(model, family, transformer, dtype, device, lora, fuse_lora)
+    result = engine.edit([request], progress=_step_bar())[0]
+    save_png(out, result, engine.settings(request))
+    typer.echo(f"wrote {out} ({result.width}x{result.height})")
+
+
+def chat_command(
+    image: Annotated[list[Path], typer.Option("--image", help="Image to edit (more: reference images kept every turn).")],
+    model: ModelOpt = "tiny",
+    save: Annotated[Optional[Path], typer.Option("--save", help="Session folder (default chat-<time>); rewritten after every turn.")] = None,
+    negative: NegativeOpt = " ",
+    cfg: Annotated[float, typer.Option("--cfg", help="True CFG scale.")] = 4.0,
+    steps: StepsOpt = 40,
+    seed: SeedOpt = 0,
+    lora: LoraOpt = None,
+    fuse_lora: FuseOpt = False,
+    family: FamilyOpt = None,
+    transformer: TransformerOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+) -> None:
+    """Multi-turn editing: each line is an instruction that edits the last result.
+
+    Commands: /undo (drop the last turn), /save DIR (write the session there too), /quit.
+    The session (sources, one PNG per turn, history.json) is saved after every turn.
+    """
+    from editkit.data.images import load_image
+    from editkit.errors import UserError
+    from editkit.infer.session import EditSession
+
+    images = [load_image(p) for p in image]
+    save = save or Path(f"chat-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    engine = _engine(model, family, transformer, dtype, device, lora, fuse_lora)
+    session = EditSession(engine, images, negative_prompt=negative, true_cfg_scale=cfg, steps=steps, seed=seed)
+    interactive = sys.stdin.isatty()
+    typer.echo("type an instruction per line; /undo, /save DIR, /quit", err=True)
+    while True:
+        if interactive:
+            typer.echo(f"[turn {len(session.history) + 1}]> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if line == "/quit":
+                break
+            if line == "/undo":
+                session.undo()
+                session.save(save)
+                typer.echo(f"undone; {len(session.history)} turn(s) left")
+            elif line.startswith("/save"):
+                target = line.removeprefix("/save").strip()
+                if not target:
+                    raise UserError("/save needs a folder: /save DIR")
+                typer.echo(f"saved session to {session.save(target)}")
+            elif line.startswith("/"):
+                raise UserError(f"unknown command {line.split()[0]}; use /undo, /save DIR or /quit")
+            else:
+                session.turn(line, progress=_step_bar())
+                session.save(save)
+                typer.echo(f"turn {len(session.history)}: {save / f'turn-{len(session.history):02d}.png'}")
+        except UserError as err:  # a bad line must not end the session
+            typer.echo(f"editkit: error: {err}", err=True)
+    session.save(save)
+    typer.echo(f"session saved to {save} ({len(session.history)} turn(s))")
+
+
+def infer_command(
+    data: Annotated[Path, typer.Option("--data", help="Manifest (.json/.jsonl/.csv) or dataset folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: cfg-<value>/<id>.png per CFG value.")],
+    model: ModelOpt = "tiny",
+    cfg: Annotated[str, typer.Option("--cfg", help="CFG values, comma-separated: one output folder each.")] = "4",
+    steps: StepsOpt = 40,
+    seed: SeedOpt = 0,
+    negative: NegativeOpt = " ",
+    lora: LoraOpt = None,
+    fuse_lora: FuseOpt = False,
+    fusion: FusionOpt = "off",
+    feather: FeatherOpt = 8,
+    sampler: SamplerOpt = "flow",
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Requests per batch (CFG doubles the transformer batch).")] = 4,
+    format: Annotated[Optional[str], typer.Option("--format", help="Manifest format (detected when left out).")] = None,
+    family: FamilyOpt = None,
+    transformer: TransformerOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+) -> None:
+    """Edit a whole dataset; sharded across processes (torchrun / accelerate launch), resumable."""
+    from editkit.data import read_manifest
+    from editkit.infer.dataset_run import DatasetRunConfig, parse_cfgs, run_dataset
+    from editkit.infer.fusion import check_mode
+    from editkit.utils import dist
+
+    config = DatasetRunConfig(cfgs=parse_cfgs(cfg), steps=steps, seed=seed, negative_prompt=negative,
+                              fusion=check_mode(fusion), feather=feather, sampler=sampler, width=width,
+                              height=height, batch_size=batch_size)
+    records = read_manifest(data, format=format)
+    if device is None and dist.world_size() > 1:
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{dist.local_rank()}"
+    engine = _engine(model, family, transformer, dtype, device, lora, fuse_lora)
+    result = run_dataset(engine, records, out, config)
+    typer.echo(f"rank {dist.rank()}: wrote {len(result.written)} image(s), skipped {result.skipped} finished, "
+               f"into {out}")
+
+
+lora_app = typer.Typer(help="LoRA files: convert between key layouts, inspect.", no_args_is_help=True)
+
+
+@lora_app.command("convert")
+def lora_convert(
+    src: Annotated[Path, typer.Argument(help="LoRA file (any layout: diffusers, peft, diffsynth, comfyui).")],
+    dest: Annotated[Path, typer.Argument(help="Output .safetensors file.")],
+    to: Annotated[str, typer.Option("--to", help="Layout to write: diffusers, peft, diffsynth or comfyui.")] = "diffusers",
+) -> None:
+    """Rewrite a LoRA in another key layout (tensors and alphas kept exactly)."""
+    from editkit.errors import UserError
+    from editkit.models import lora
+
+    if to not in lora.LAYOUTS:
+        raise UserError(f"--to {to!r}: use one of {', '.join(lora.LAYOUTS)}")
+    if dest.resolve() == src.resolve():
+        raise UserError(f"{dest}: is the input file; write the converted LoRA to another path")
+    state_dict, header = lora.load_lora(src)
+    source_layout = lora.detect_layout(state_dict, str(src))
+    keep = {k: v for k, v in header.items() if k not in ("format", "editkit_layout", lora.METADATA_KEY)}
+    lora.save_lora(dest, lora.convert(state_dict, to=to, source=str(src)), to, keep)
+    typer.echo(f"converted {src} ({source_layout}) -> {dest} ({to})")
+
+
+@lora_app.command("inspect")
+def lora_inspect(path: Annotated[Path, typer.Argument(help="LoRA file.")]) -> None:
+    """Print a LoRA's layout, modules, ranks, alphas and metadata."""
+    from collections import Counter
+
+    from editkit.models import lora
+
+    state_dict, header = lora.load_lora(path)
+    layout = lora.detect_layout(state_dict, str(path))
+    modules = lora.parse(state_dict, layout, str(path))
+    ranks = Counter(m.rank for m in modules.values())
+    scales = Counter(round(m.scale, 4) for m in modules.values())
+    typer.echo(f"{path}: {layout} layout, {len(modules)} module(s)")
+    typer.echo("ranks: " + ", ".join(f"{r} x{n}" for r, n in sorted(ranks.items())))
+    typer.echo("scales (alpha/rank): " + ", ".join(f"{s} x{n}" for s, n in sorted(scales.items())))
+    kinds = Counter(re.sub(r"^transformer_blocks\.\d+\.", "", name) for name in modules)
+    typer.echo("targets: " + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())))
+    params = sum(m.A.numel() + m.B.numel() for m in modules.values())
+    typer.echo(f"parameters: {params:,}")
+    for key, value in sorted(header.items()):
+        if key != lora.METADATA_KEY:
+            typer.echo(f"meta {key}: {value[:200]}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the editkit app."""
+    app.command("edit")(edit_command)
+    app.command("chat")(chat_command)
+    app.command("infer")(infer_command)
+    app.add_typer(lora_app, name="lora")

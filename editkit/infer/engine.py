@@ -1,0 +1,218 @@
+"""The editing engine: many edit requests in, images out, batched by shape.
+
+Requests that share an output size, a number of source images with the same VAE sizes, a step
+count and a sampler run as one batch (the diffusers pipelines refuse batches larger than one);
+the conditional and unconditional CFG passes run as one batch inside the sampler. Every request
+draws its noise from its own seed, so a request gives the same image alone or in any batch (up
+to float rounding of batched matmuls).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from editkit.errors import UserError
+from editkit.infer import fusion as fusion_ops
+
+SAMPLERS = ("flow", "bridge")
+Progress = Callable[[int, int], None]
+"""`progress(steps_done, steps_total)` over all requests of one `Engine.edit` call."""
+
+
+@dataclass
+class EditRequest:
+    """One edit: an instruction, its source images and how to sample it.
+
+    `negative_prompt=None` turns true CFG off for this request (as in the diffusers pipelines);
+    `mask` (white = edit region) is needed for `fusion` other than "off"; `feather` is the
+    pixel-mask seam width in pixels. `sampler="bridge"` runs the LBM bridge from the first source
+    image (a white image when there is none) in `steps` steps, without CFG.
+    """
+
+    prompt: str
+    images: list[Image.Image]
+    negative_prompt: str | None = " "
+    true_cfg_scale: float = 4.0
+    steps: int = 40
+    seed: int = 0
+    width: int | None = None
+    height: int | None = None
+    mask: Image.Image | None = None
+    fusion: str = "off"
+    sampler: str = "flow"
+    feather: int = 8
+    bridge_noise: float = 0.005
+
+    def check(self) -> EditRequest:
+        if not self.prompt or not self.prompt.strip():
+            raise UserError("the edit instruction is empty; write what to change")
+        if self.steps < 1:
+            raise UserError(f"steps must be at least 1, got {self.steps}")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"sampler {self.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+        fusion_ops.check_mode(self.fusion)
+        if self.fusion != "off" and self.mask is None:
+            raise UserError(f"fusion {self.fusion!r} needs a mask (white = edit region); give --mask or use fusion off")
+        if self.fusion != "off" and not self.images:
+            raise UserError(f"fusion {self.fusion!r} needs a source image to take the background from")
+        return self
+
+
+class Engine:
+    """Runs `EditRequest`s on an `EditModel`, with LoRA adapters and mask fusion.
+
+    `model_name` is recorded in the outputs' settings; `max_batch` caps the requests per batch
+    (the CFG passes double the transformer batch).
+    """
+
+    def __init__(self, model, model_name: str = "", max_batch: int = 4):
+        self.model = model
+        self.model_name = model_name
+        self.max_batch = max_batch
+        self.loras: list = []
+
+    # ----- LoRA ------------------------------------------------------------------------------
+
+    def load_loras(self, specs: Sequence, fuse: bool = False) -> None:
+        """Apply LoRA files (`LoraSpec` or "PATH[:SCALE]" strings), replacing any loaded before."""
+        from editkit.models import lora
+
+        specs = [s if isinstance(s, lora.LoraSpec) else lora.LoraSpec.parse(s) for s in specs]
+        lora.apply_loras(self.model.transformer, specs, fuse=fuse)
+        self.loras = specs
+
+    def unload_loras(self) -> None:
+        from editkit.models import lora
+
+        lora.unload_loras(self.model.transformer)
+        self.loras = []
+
+    # ----- settings --------------------------------------------------------------------------
+
+    def output_size(self, request: EditRequest) -> tuple[int, int]:
+        return self.model.output_size(request.images, request.width, request.height)
+
+    def settings(self, request: EditRequest) -> dict:
+        """What produced an output (stored in its PNG): enough to run it again."""
+        width, height = self.output_size(request)
+        return {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "true_cfg_scale": request.true_cfg_scale,
+            "steps": request.steps,
+            "seed": request.seed,
+            "sampler": request.sampler,
+            "width": width,
+            "height": height,
+            "source_sizes": [list(img.size) for img in request.images],
+            "fusion": request.fusion,
+            "model": self.model_name,
+            "family": self.model.family.name,
+            "lora": [[spec.path, spec.scale] for spec in self.loras],
+        }
+
+    # ----- editing ---------------------------------------------------------------------------
+
+    def group(self, requests: Sequence[EditRequest], max_batch: int | None = None) -> list[list[int]]:
+        """Indices of `requests` in batches of one shape, at most `max_batch` each, in request order."""
+        max_batch = max_batch or self.max_batch
+        groups: dict[tuple, list[int]] = {}
+        for i, req in enumerate(requests):
+            key = (self.output_size(req), tuple(self.model.vae_size(img) for img in req.images),
+                   req.steps, req.sampler, req.bridge_noise if req.sampler == "bridge" else None)
+            groups.setdefault(key, []).append(i)
+        return [idx[j:j + max_batch] for idx in groups.values() for j in range(0, len(idx), max_batch)]
+
+    def edit(self, requests: Sequence[EditRequest], progress: Progress | None = None,
+             max_batch: int | None = None) -> list[Image.Image]:
+        """Run every request; returns one image per request, in order."""
+        requests = [req.check() for req in requests]
+        batches = self.group(requests, max_batch)
+        total = sum(requests[b[0]].steps for b in batches)
+        done = 0
+        out: list[Image.Image | None] = [None] * len(requests)
+        for batch in batches:
+            def step(i, _n, offset=done):
+                if progress is not None:
+                    progress(offset + i, total)
+
+            images = self._run_batch([requests[i] for i in batch], step)
+            for i, image in zip(batch, images):
+                out[i] = image
+            done += requests[batch[0]].steps
+        return out
+
+    @torch.no_grad()
+    def _run_batch(self, reqs: list[EditRequest], step: Progress) -> list[Image.Image]:
+        from editkit.infer import sampler
+
+        model, first = self.model, reqs[0]
+        width, height = self.output_size(first)
+        inputs = model.prepare([r.prompt for r in reqs], [r.images for r in reqs], width, height,
+                               [r.negative_prompt for r in reqs] if first.sampler == "flow" else None)
+        seeds = [r.seed for r in reqs]
+        needs_source = first.sampler == "bridge" or any(r.fusion == "latent-mask" for r in reqs)
+        source = self._source_latents(reqs, width, height) if needs_source else None
+        if first.sampler == "flow":
+            noise = sampler.initial_noise(model, width, height, seeds, inputs.prompt_embeds.dtype)
+            runner = self._masked(reqs, width, height, noise - source) if source is not None else model
+            packed = sampler.sample(runner, inputs, first.steps, [r.true_cfg_scale for r in reqs],
+                                    seeds, latents=noise, callback=step)
+        else:
+            runner = self._masked(reqs, width, height, torch.zeros_like(source))
+            packed = sampler.bridge_sample(runner, inputs, source, first.steps, first.bridge_noise, seeds,
+                                           callback=step)
+        images = model.to_pil(model.decode_packed(packed, width, height).float())
+        return [self._fuse_pixels(r, img) for r, img in zip(reqs, images)]
+
+    def _source_latents(self, reqs: list[EditRequest], width: int, height: int) -> torch.Tensor:
+        """Packed latents of each request's first source image (white if none) at the output size."""
+        white = Image.new("RGB", (width, height), (255, 255, 255))
+        sources = [r.images[0] if r.images else white for r in reqs]
+        return self.model.pack(self.model.encode_images(sources, width, height)).to(self.model.dtype)
+
+    def _masked(self, reqs: list[EditRequest], width: int, height: int, background_velocity: torch.Tensor):
+        """The model, or (for latent-mask requests) a view whose velocity outside the mask is
+        `background_velocity` — the velocity that keeps those latents on the source's path."""
+        if not any(r.fusion == "latent-mask" for r in reqs):
+            return self.model
+        latent_hw = self.model.latent_size(width, height)
+        channels = self.model.latent_channels
+        weights = [fusion_ops.latent_mask(r.mask, latent_hw) if r.fusion == "latent-mask"
+                   else torch.ones(latent_hw) for r in reqs]
+        weight = torch.stack(weights)[:, None].expand(-1, channels, -1, -1)
+        packed_weight = self.model.pack(weight.contiguous()).to(background_velocity)
+        return _LatentMasked(self.model, packed_weight, background_velocity)
+
+    @staticmethod
+    def _fuse_pixels(req: EditRequest, image: Image.Image) -> Image.Image:
+        if req.fusion == "pixel-mask":
+            return fusion_ops.paste_background(image, req.images[0], req.mask, req.feather)
+        return image
+
+
+class _LatentMasked:
+    """An EditModel whose predicted velocity is blended with a fixed one outside the mask.
+
+    With flow matching the background velocity `noise - source` moves the latents exactly along
+    `(1 - s) * source + s * noise`, so after the last step they are the source latents there.
+    The CFG batch (conditional and negative stacked) is handled by tiling.
+    """
+
+    def __init__(self, model, weight: torch.Tensor, velocity: torch.Tensor):
+        self._model, self._weight, self._velocity = model, weight, velocity
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def predict(self, latents, *args, **kwargs):
+        pred = self._model.predict(latents, *args, **kwargs)
+        repeat = math.ceil(pred.shape[0] / self._weight.shape[0])
+        weight = self._weight.repeat(repeat, 1, 1)
+        velocity = self._velocity.repeat(repeat, 1, 1)
+        return fusion_ops.blend_latents(pred, velocity, weight)
