@@ -1,0 +1,225 @@
+"""`editkit compare`: per-metric means with 95% bootstrap CIs, paired differences to a baseline,
+per-category breakdowns, plots and the HTML report, from `editkit eval` output folders."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from editkit.errors import UserError
+from editkit.eval.report import GalleryItem, build_report
+from editkit.eval.runner import INFO_COLUMNS
+from editkit.eval.stats import bootstrap_mean, paired_difference
+from editkit.utils.atomic import write_json, write_text
+
+KEY_METRICS = ("psnr", "ssim", "mae", "psnr_out", "ssim_out", "effnet_sim", "clip_i", "clip_t", "dino",
+               "dinov3", "siglip2", "seam", "ghost")
+_CFG = re.compile(r"cfg[-_=]?(\d+(?:\.\d+)?)", re.IGNORECASE)
+ALL = "all"
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text) if text != "" else math.nan
+    except ValueError:
+        return math.nan
+
+
+def load_eval_dirs(dirs: list[Path]) -> tuple[list[dict], list[str], dict[str, dict]]:
+    """Rows (metric values as floats), metric columns in order, and per-run summaries."""
+    rows, metrics, summaries, origin = [], [], {}, {}
+    for d in dirs:
+        d = Path(d)
+        csv_path = d / "per_sample.csv"
+        if not csv_path.is_file():
+            raise UserError(f"{d}: no per_sample.csv; pass folders written by `editkit eval --out`")
+        with csv_path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            cols = [c for c in reader.fieldnames or [] if c not in INFO_COLUMNS]
+            metrics += [c for c in cols if c not in metrics]
+            dir_runs = set()
+            for row in reader:
+                for c in cols:
+                    row[c] = _float(row[c])
+                rows.append(row)
+                dir_runs.add(row["run"])
+        for run in dir_runs:
+            if run in origin:
+                raise UserError(f"{d}: run '{run}' is also in {origin[run]}; compare each run once")
+            origin[run] = d
+        summary_path = d / "summary.json"
+        if summary_path.is_file():
+            summaries.update(json.loads(summary_path.read_text()).get("runs", {}))
+    if not rows:
+        raise UserError(f"{', '.join(map(str, dirs))}: no evaluated samples to compare")
+    return rows, metrics, summaries
+
+
+def cfg_of(run: str, summary: dict | None) -> float | None:
+    """The CFG scale of a run: from its name (cfg-4.0, cfg4) or the run.json beside its predictions."""
+    match = _CFG.search(run)
+    if match:
+        return float(match.group(1))
+    pred_dir = (summary or {}).get("pred_dir")
+    if pred_dir and (Path(pred_dir) / "run.json").is_file():
+        try:
+            config = json.loads((Path(pred_dir) / "run.json").read_text()).get("config", {})
+        except ValueError:
+            return None
+        for key in ("true_cfg_scale", "cfg", "cfg_scale", "guidance_scale"):
+            if isinstance(config.get(key), (int, float)):
+                return float(config[key])
+    return None
+
+
+def category_of(row: dict) -> str:
+    return row.get("edit_type") or row.get("task") or ""
+
+
+def compare_runs(dirs: list[Path], out_dir: Path, baseline: str | None = None, n_boot: int = 2000, seed: int = 0,
+                 title: str = "editkit comparison", gallery_size: int = 40) -> dict:
+    from editkit.eval.metrics import higher_is_better
+
+    out_dir = Path(out_dir)
+    rows, metrics, summaries = load_eval_dirs(dirs)
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    baseline = baseline or runs[0]
+    if baseline not in runs:
+        raise UserError(f"--baseline {baseline}: no such run; runs are: {', '.join(runs)}")
+    rng = np.random.default_rng(seed)
+    by_run = {run: {r["id"]: r for r in rows if r["run"] == run} for run in runs}
+    categories = sorted({category_of(r) for r in rows} - {""})
+    table, result_runs = [], {}
+    for run in runs:
+        run_result = {"cfg": cfg_of(run, summaries.get(run)), "n_missing": summaries.get(run, {}).get("n_missing"),
+                      "metrics": {}, "run_level": {}}
+        for metric in metrics:
+            per_category = {}
+            for category in [ALL, *categories]:
+                samples = [r for r in by_run[run].values() if category == ALL or category_of(r) == category]
+                interval = bootstrap_mean([r[metric] for r in samples], n_boot, rng=rng)
+                entry = {"category": category, **interval.as_dict()}
+                if run != baseline:
+                    ids = [r["id"] for r in samples if r["id"] in by_run[baseline]]
+                    diff = paired_difference([by_run[run][i][metric] for i in ids],
+                                             [by_run[baseline][i][metric] for i in ids], n_boot, rng=rng)
+                    entry.update(diff.as_dict("diff_"))
+                per_category[category] = entry
+                table.append({"run": run, "metric": metric, **entry})
+            run_result["metrics"][metric] = per_category
+        for key, value in (summaries.get(run, {}).get("means") or {}).items():
+            if key.startswith(("fid_", "kid_")):
+                run_result["run_level"][key] = value
+        result_runs[run] = run_result
+    result = {"baseline": baseline, "runs": runs, "metrics": metrics, "categories": categories,
+              "n_boot": n_boot, "seed": seed, "confidence": 0.95, "results": result_runs}
+    columns = ["run", "metric", "category", "mean", "low", "high", "n",
+               "diff_mean", "diff_low", "diff_high", "diff_n"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in table:
+        writer.writerow({k: ("" if isinstance(row.get(k), float) and math.isnan(row[k]) else row.get(k, ""))
+                         for k in columns})
+    write_text(out_dir / "compare.csv", buf.getvalue())
+    write_json(out_dir / "compare.json", result)
+    plots = make_plots(out_dir / "plots", result)
+    write_compare_report(out_dir / "report.html", title, result, rows, by_run, plots, gallery_size,
+                         higher_is_better)
+    return result
+
+
+def _key_metrics(metrics: list[str]) -> list[str]:
+    chosen = [m for m in KEY_METRICS if m in metrics]
+    return chosen or metrics[:6]
+
+
+def make_plots(plot_dir: Path, result: dict) -> list[Path]:
+    from editkit.eval import plots
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    key = _key_metrics(result["metrics"])[:4]
+    with_cfg = [r for r in result["runs"] if result["results"][r]["cfg"] is not None]
+    if len(with_cfg) >= 2:
+        for metric in key:
+            points = []
+            for run in with_cfg:
+                e = result["results"][run]["metrics"][metric][ALL]
+                if not math.isnan(e["mean"]):
+                    points.append((result["results"][run]["cfg"], e["mean"], e["low"], e["high"], run))
+            if len(points) >= 2:
+                paths.append(plots.metric_vs_cfg(plot_dir / f"{metric}_vs_cfg.png", metric, points))
+    if result["categories"]:
+        for metric in key:
+            means = {(run, c): tuple(result["results"][run]["metrics"][metric][c][k] for k in ("mean", "low", "high"))
+                     for run in result["runs"] for c in result["categories"]}
+            paths.append(plots.category_bars(plot_dir / f"{metric}_per_category.png", metric,
+                                             result["categories"], result["runs"], means))
+    return paths
+
+
+def _ci_text(entry: dict, prefix: str = "") -> str:
+    mean, low, high = (entry.get(f"{prefix}{k}", math.nan) for k in ("mean", "low", "high"))
+    if mean is None or math.isnan(mean):
+        return ""
+    return f"{mean:.4g} [{low:.4g}, {high:.4g}]"
+
+
+def write_compare_report(path: Path, title: str, result: dict, rows: list[dict], by_run: dict, plots: list[Path],
+                         gallery_size: int, higher_is_better) -> Path:
+    key = _key_metrics(result["metrics"])
+    summary_rows = []
+    for run in result["runs"]:
+        r = result["results"][run]
+        row = {"run": run + (" (baseline)" if run == result["baseline"] else ""),
+               "cfg": r["cfg"] if r["cfg"] is not None else "", "missing": r["n_missing"] or 0}
+        for metric in key:
+            entry = r["metrics"][metric][ALL]
+            row[metric] = entry["mean"]
+            row[f"{metric} 95% CI"] = _ci_text(entry)
+            row[f"Δ{metric} vs baseline"] = _ci_text(entry, "diff_")
+        row.update(r["run_level"])
+        summary_rows.append(row)
+    run_level = list(dict.fromkeys(k for r in result["runs"] for k in result["results"][r]["run_level"]))
+    summary_columns = ["run", "cfg", "missing", *[c for m in key for c in (m, f"{m} 95% CI", f"Δ{m} vs baseline")],
+                       *run_level]
+    primary = key[0]
+    worse_first = 1.0 if higher_is_better(primary) else -1.0
+
+    def badness(row: dict) -> float:
+        v = row.get(primary, math.nan)
+        return math.inf if math.isnan(v) else worse_first * v
+
+    table_rows = sorted(rows, key=badness)
+    table_columns = ["run", "id", "edit_type", "task", *result["metrics"]]
+    ids = list(dict.fromkeys(r["id"] for r in rows))
+
+    def sample_badness(i: str) -> float:
+        vals = [by_run[run][i].get(primary, math.nan) for run in result["runs"] if i in by_run[run]]
+        vals = [v for v in vals if not math.isnan(v)]
+        return worse_first * float(np.mean(vals)) if vals else math.inf
+
+    gallery = []
+    for i in sorted(ids, key=sample_badness)[:gallery_size]:
+        any_row = next(by_run[run][i] for run in result["runs"] if i in by_run[run])
+        gallery.append(GalleryItem(
+            id=i, caption=any_row.get("instruction", ""),
+            sources=[Path(p) for p in json.loads(any_row.get("sources") or "[]")],
+            target=Path(any_row["target"]) if any_row.get("target") else None,
+            outputs={run: Path(by_run[run][i]["pred"]) if i in by_run[run] else None for run in result["runs"]},
+            scores={run: f"{primary} {by_run[run][i][primary]:.4g}" for run in result["runs"]
+                    if i in by_run[run] and not math.isnan(by_run[run][i].get(primary, math.nan))},
+        ))
+    notes = [f"Baseline: {result['baseline']}. Means with 95% percentile-bootstrap intervals "
+             f"({result['n_boot']} resamples, seed {result['seed']}); Δ = paired difference to the baseline on "
+             f"the samples both runs have. Worst cases first by {primary}."]
+    return build_report(path, title, notes=notes, summary_rows=summary_rows, summary_columns=summary_columns,
+                        table_rows=table_rows, table_columns=table_columns, gallery=gallery,
+                        runs=result["runs"], plots=plots)
