@@ -186,3 +186,28 @@ def test_fuzz_arbitrary_bytes_csv(data):
         path = Path(d) / "m.csv"
         path.write_bytes(b"prompt,image,edit_image\n" + data)
         _check_only_user_errors(path)
+
+
+_prompt_lines = st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20), max_size=5)
+
+
+@_fuzz
+@given(lines=_prompt_lines, jsonl=_rows, which=st.sampled_from(["prompts.txt", "prompts.jsonl", "prompts.csv"]))
+def test_fuzz_folder_layout(lines, jsonl, which):
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        (root / "targets").mkdir()
+        Image.new("RGB", (4, 4)).save(root / "targets" / "x.png")
+        if which == "prompts.jsonl":
+            (root / which).write_text("".join(json.dumps(r) + "\n" for r in jsonl))
+        else:
+            (root / which).write_text("\n".join(lines))
+        _check_only_user_errors(root)
+
+
+def test_write_folder_refuses_non_empty_folder(images):
+    (images / "out").mkdir()
+    (images / "out" / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match="not an empty folder"):
+        write_manifest(_records(images), images / "out", "folder")
+    assert (images / "out" / "keep.txt").read_text() == "x"

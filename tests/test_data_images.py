@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,9 +10,22 @@ from editkit.data.images import (bucket_for, load_image, load_mask, make_buckets
 from editkit.errors import UserError
 
 
-def test_target_size_matches_diffusers_calculate_dimensions():
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+def _diffusers_calculate_dimensions():
+    """The reference function, taken from the installed diffusers source without importing the
+    pipeline module (which pulls in transformers and takes many seconds)."""
+    import ast
+    import importlib.util
 
+    root = Path(importlib.util.find_spec("diffusers").origin).parent
+    source = (root / "pipelines" / "qwenimage" / "pipeline_qwenimage_edit_plus.py").read_text()
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "calculate_dimensions")
+    namespace = {"math": math}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), "calculate_dimensions", "exec"), namespace)
+    return namespace["calculate_dimensions"]
+
+
+def test_target_size_matches_diffusers_calculate_dimensions():
+    calculate_dimensions = _diffusers_calculate_dimensions()
     for w, h in [(1000, 600), (512, 512), (1920, 1080), (333, 777), (64, 48), (4000, 3000)]:
         for area in (384 * 384, 1024 * 1024):
             assert target_size(w, h, area, 32) == calculate_dimensions(area, w / h)
@@ -72,3 +86,11 @@ def test_resize_helpers_give_exact_sizes():
     img = Image.new("RGB", (300, 200))
     assert resize_to_area(img, 64 * 64, 16).size == target_size(300, 200, 64 * 64, 16)
     assert resize_to_bucket(img, (80, 48)).size == (80, 48)
+
+
+def test_mask_in_alpha_channel(tmp_path):
+    arr = np.zeros((4, 4, 4), np.uint8)
+    arr[..., 3] = 0
+    arr[:2, :, 3] = 255
+    Image.fromarray(arr, "RGBA").save(tmp_path / "a.png")
+    assert np.array(load_mask(tmp_path / "a.png"))[:, 0].tolist() == [255, 255, 0, 0]
