@@ -123,3 +123,19 @@ def test_bad_sampler_setups():
         MixingSampler(DATASETS, batch_size=1, dataset_weights={"zzz": 1}, rank=0, world_size=1)
     with pytest.raises(UserError):
         MixingSampler({"a": []}, batch_size=1, rank=0, world_size=1)
+
+
+def test_open_mixture_and_mix_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from editkit.cli import app
+    from editkit.data.mixing import open_mixture
+
+    for name, n in (("web", 30), ("synth", 10)):
+        (tmp_path / name).mkdir()
+        write_manifest(_dataset(name, n), tmp_path / name / "train.jsonl", "pairs")
+    sampler = open_mixture(tmp_path, 2, "web=1", "1=1,2=1", seed=0, rank=0, world_size=1)
+    assert sampler.names == ["web"] and sampler.counts == [1, 2]
+    result = CliRunner().invoke(app, ["data", "mix", str(tmp_path), "--weights", "web=1,synth=1", "--steps", "200"])
+    assert result.exit_code == 0, result.output
+    assert "dataset synth: " in result.output and "dataset web: " in result.output

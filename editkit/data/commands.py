@@ -162,6 +162,34 @@ def select(
     typer.echo(f"wrote {len(chosen)} of {len(records)} records to {out}")
 
 
+@data_app.command("mix")
+def mix(
+    root: Annotated[Path, typer.Argument(help="Folder whose sub-folders are datasets.")],
+    weights: Annotated[Optional[str], typer.Option(help="Dataset weights NAME=W,... (unlisted datasets excluded; default: all equal).")] = None,
+    source_weights: Annotated[Optional[str], typer.Option(help="Weights by number of source images, e.g. 0=1,1=1,2=1,3=0.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size per rank.")] = 4,
+    steps: Annotated[int, typer.Option(help="Steps to draw.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+    split: Annotated[str, typer.Option(help="Manifest name to use in each dataset folder (train -> train.jsonl).")] = "train",
+) -> None:
+    """Preview a dataset mixture: how often each dataset and source-image count is drawn."""
+    from collections import Counter
+
+    from editkit.data.mixing import open_mixture
+
+    sampler = open_mixture(root, batch_size, weights, source_weights, seed=seed, split=split, rank=0, world_size=1)
+    datasets, counts = Counter(), Counter()
+    for _ in range(steps):
+        batch = sampler.next_batch()
+        datasets[sampler.dataset_of(batch[0])] += 1
+        counts[len(sampler.records[batch[0]].sources)] += 1
+    typer.echo(f"{len(sampler.records)} records; batches drawn over {steps} steps:")
+    for name in sampler.names:
+        typer.echo(f"  dataset {name}: {datasets[name] / steps:.3f} (weight {sampler.dataset_weights[name]:.3f})")
+    for k in sampler.counts:
+        typer.echo(f"  {k} source image(s): {counts[k] / steps:.3f}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the editkit app."""
     app.add_typer(data_app, name="data")

@@ -95,6 +95,18 @@ def load_datasets(manifests: dict[str, Path], weights: dict[str, float] | None =
     return {name: read_manifest(manifests[name]) for name in chosen}, chosen
 
 
+def open_mixture(root: str | os.PathLike, batch_size: int, dataset_weights: str | dict[str, float] | None = None,
+                 source_weights: str | dict[int, float] | None = None, seed: int = 0, split: str = "train",
+                 bucket_of: Callable[[EditRecord], Hashable] | None = None, **kwargs: Any) -> MixingSampler:
+    """One call from a folder of datasets and weight strings ('web=2,synth=1', '0=1,1=1,2=1,3=0')."""
+    if isinstance(dataset_weights, str):
+        dataset_weights = parse_dataset_weights(dataset_weights)
+    if isinstance(source_weights, str):
+        source_weights = parse_source_weights(source_weights)
+    datasets, weights = load_datasets(discover_datasets(root, split), dataset_weights)
+    return MixingSampler(datasets, batch_size, weights, source_weights, seed=seed, bucket_of=bucket_of, **kwargs)
+
+
 def _stable_hash(value: Any) -> int:
     return zlib.crc32(repr(value).encode("utf-8"))
 
