@@ -20,11 +20,11 @@ COMPONENT_FILES = {
     "transformer": ("config.json", "*.safetensors*"),
     "vae": ("config.json", "*.safetensors*"),
     "text_encoder": ("config.json", "*.safetensors*"),
-    "tokenizer": ("tokenizer_config.json", "vocab.json"),
+    "tokenizer": ("tokenizer_config.json", "tokenizer.json|vocab.json"),
     "processor": ("preprocessor_config.json",),
     "scheduler": ("scheduler_config.json",),
 }
-"""What each component folder must hold (glob patterns)."""
+"""What each component folder must hold (glob patterns; `a|b`: either will do)."""
 
 TINY_PREFIX = "tiny"
 
@@ -41,9 +41,10 @@ def missing_files(folder: Path, components) -> list[str]:
     """Paths (relative to `folder`) of required component files that are absent."""
     missing = []
     for name in components:
-        for pattern in COMPONENT_FILES[name]:
-            if not any((folder / name).glob(pattern)):
-                missing.append(f"{name}/{pattern}")
+        for requirement in COMPONENT_FILES[name]:
+            options = requirement.split("|")
+            if not any(any((folder / name).glob(pattern)) for pattern in options):
+                missing.append(" or ".join(f"{name}/{pattern}" for pattern in options))
     return missing
 
 

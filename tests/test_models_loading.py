@@ -1,0 +1,115 @@
+"""Loading: save-tiny -> load_model round trip, partial folders, transformer from another folder, CLI."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from editkit.cli import app
+from editkit.errors import UserError
+from editkit.infer.sampler import sample
+from editkit.models import load_model, save_tiny
+from editkit.models.loading import describe
+
+FAMILY = "qwen-image-edit-2511"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("models") / "tiny-2511", family=FAMILY)
+
+
+def _edit(model, seed=5):
+    img = Image.fromarray((np.random.RandomState(0).rand(64, 96, 3) * 255).astype("uint8"))
+    inputs = model.prepare(["add a hat"], [[img]], 64, 64, [" "])
+    return sample(model, inputs, steps=2, true_cfg_scale=3.0, seeds=[seed])
+
+
+def test_saved_folder_is_diffusers_format(tiny_dir):
+    index = json.loads((tiny_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImageEditPlusPipeline"
+    for part in ("transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler"):
+        assert part in index and (tiny_dir / part).is_dir()
+
+
+def test_round_trip_gives_identical_outputs(tiny_dir):
+    built = load_model(f"tiny:{FAMILY}", dtype="fp32", device="cpu")
+    loaded = load_model(tiny_dir, dtype="fp32", device="cpu")
+    assert loaded.family.name == FAMILY
+    assert loaded.transformer.config.zero_cond_t
+    assert (loaded.vae_image_area, loaded.vlm_image_area) == (built.vae_image_area, built.vlm_image_area)
+    assert loaded.drop_idx == built.drop_idx
+    assert torch.equal(_edit(built), _edit(loaded))
+
+
+def test_view_sizes_are_options(tiny_dir):
+    model = load_model(tiny_dir, dtype="fp32", device="cpu", vae_image_size=32, vlm_image_size=48)
+    assert (model.vae_image_area, model.vlm_image_area) == (32 * 32, 48 * 48)
+    img = Image.new("RGB", (64, 64))
+    assert model.vae_size(img) == (32, 32)
+
+
+def test_dtype_option(tiny_dir):
+    model = load_model(tiny_dir, dtype="bf16", device="cpu")
+    assert model.dtype == torch.bfloat16 and model.text_encoder.dtype == torch.bfloat16
+
+
+def test_partial_folder_lists_what_is_missing(tiny_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    shutil.rmtree(broken / "vae")
+    (broken / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(UserError) as err:
+        load_model(broken, dtype="fp32", device="cpu")
+    message = str(err.value)
+    assert "vae/config.json" in message and "scheduler/scheduler_config.json" in message
+    assert "\n" not in message
+
+
+def test_missing_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_model(tmp_path / "nowhere", dtype="fp32", device="cpu")
+
+
+def test_transformer_from_another_folder(tiny_dir, tmp_path):
+    other = save_tiny(tmp_path / "other", family=FAMILY, seed=1)
+    rest = tmp_path / "rest"
+    shutil.copytree(tiny_dir, rest)
+    shutil.rmtree(rest / "transformer")
+    mixed = load_model(rest, transformer=other / "transformer", dtype="fp32", device="cpu")
+    reference = load_model(f"tiny:{FAMILY}", seed=1, dtype="fp32", device="cpu")
+    base = load_model(tiny_dir, dtype="fp32", device="cpu")
+    for name, param in mixed.transformer.named_parameters():
+        assert torch.equal(param, dict(reference.transformer.named_parameters())[name])
+    assert not torch.equal(_edit(mixed), _edit(base))
+
+
+def test_family_from_plain_diffusers_index(tiny_dir, tmp_path):
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_dir, plain)
+    index = json.loads((plain / "model_index.json").read_text())
+    index = {k: v for k, v in index.items() if not k.startswith("_editkit")}
+    (plain / "model_index.json").write_text(json.dumps(index))
+    assert describe(plain)["family"] == "qwen-image-edit-2511"
+    index["_class_name"] = "QwenImagePipeline"
+    (plain / "model_index.json").write_text(json.dumps(index))
+    config = json.loads((plain / "transformer" / "config.json").read_text())
+    config["zero_cond_t"] = False
+    (plain / "transformer" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="--family"):
+        describe(plain)
+    assert describe(plain, family="qwen-image-edit-2509")["family"] == "qwen-image-edit-2509"
+
+
+def test_cli_save_tiny_and_info(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli-tiny"
+    result = runner.invoke(app, ["model", "save-tiny", str(out), "--family", "qwen-image-edit-2509"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["model", "info", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "qwen-image-edit-2509" in result.output and "transformer:" in result.output
