@@ -100,8 +100,11 @@ def test_discover_and_load_datasets(tmp_path):
         (tmp_path / name).mkdir()
         write_manifest(_dataset(name, 5), tmp_path / name / "train.jsonl", "pairs")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "built").mkdir()
+    write_manifest(_dataset("built", 3), tmp_path / "built" / "manifest.jsonl", "pairs")
+    (tmp_path / "built" / "build.json").write_text("{}")
     found = discover_datasets(tmp_path)
-    assert sorted(found) == ["other", "synth", "web"]
+    assert sorted(found) == ["built", "other", "synth", "web"]
     datasets, weights = load_datasets(found, parse_dataset_weights("web=1,synth=3,other=0"))
     assert sorted(datasets) == ["synth", "web"] and weights == {"web": 1.0, "synth": 3.0}
     with pytest.raises(UserError, match="nope"):

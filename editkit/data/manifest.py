@@ -15,6 +15,7 @@ from editkit.data.records import EditRecord
 from editkit.errors import UserError
 
 FORMATS = ("diffsynth", "pairs", "folder")
+RUN_RECORDS = ("run.json", "build.json", "synth.json")  # what-ran records written beside datasets, not manifests
 _ALIASES = {"editkit": "pairs"}
 
 
@@ -65,7 +66,11 @@ def parse_manifest(path: str | os.PathLike, format: str | None = None, fields: d
         raise UserError(f"{path}: manifests are read from local files only; download it first")
     if format == "folder" or (format is None and path.is_dir()):
         if not is_folder_dataset(path):
-            raise UserError(f"{path}: not a dataset folder; it needs a prompts file and sources/ or targets/")
+            manifests = sorted(p.name for p in path.glob("*") if p.suffix.lower() in (".json", ".jsonl", ".csv")
+                               and p.name not in RUN_RECORDS)
+            hint = f"give one of its manifests ({', '.join(manifests[:5])})" if manifests else \
+                "a dataset folder needs a prompts file and sources/ or targets/"
+            raise UserError(f"{path}: not a dataset folder; {hint}")
         return parse_folder(path, fields)
     if path.is_dir():
         raise UserError(f"{path}: is a folder; give --format folder or point at a .json/.jsonl/.csv manifest")

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from editkit.data.folder import is_folder_dataset
-from editkit.data.manifest import read_manifest
+from editkit.data.manifest import RUN_RECORDS, read_manifest
 from editkit.data.records import EditRecord
 from editkit.data.tools import parse_weights
 from editkit.errors import UserError
@@ -72,7 +72,7 @@ def discover_datasets(root: str | os.PathLike, split: str = "train") -> dict[str
             continue
         named = [sub / f"{split}{ext}" for ext in _MANIFEST_EXTENSIONS if (sub / f"{split}{ext}").is_file()]
         manifests = [p for p in sub.iterdir() if p.suffix.lower() in _MANIFEST_EXTENSIONS and p.is_file()
-                     and not p.name.startswith(".")]
+                     and not p.name.startswith(".") and p.name not in RUN_RECORDS]
         if named:
             found[sub.name] = named[0]
         elif len(manifests) == 1:
