@@ -1,0 +1,73 @@
+"""Start the web app: load the model once, build the page, queue GPU jobs one at a time, launch.
+
+Nothing reaches the network: analytics and Gradio's version check are off, fonts are Gradio's
+bundled ones, `share` is never enabled, and the server binds to 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from editkit.app.actions import AppController, AppDefaults, LoraChoice
+from editkit.app.commands import DEFAULT_HOST, DEFAULT_PORT
+from editkit.app.limits import AppLimits
+from editkit.errors import UserError
+TINY_STEPS = 4  # the tiny preset is random: more steps only cost time
+MAX_QUEUE = 32  # waiting jobs beyond this get "queue is full" instead of an endless wait
+
+
+def lora_choices(texts: Sequence[str]) -> list[LoraChoice]:
+    """`PATH[:SCALE]` flags as named choices (the file name without its extension, made unique)."""
+    from editkit.models.lora import LoraSpec
+
+    choices = []
+    for text in texts:
+        spec = LoraSpec.parse(text)
+        name = base = Path(spec.path).stem
+        n = 2
+        while any(c.name == name for c in choices):
+            name, n = f"{base}-{n}", n + 1
+        choices.append(LoraChoice(name=name, path=spec.path, scale=spec.scale))
+    return choices
+
+
+def build_controller(model: str, loras: Sequence[str] = (), limits: AppLimits | None = None,
+                     device: str | None = None, dtype: str = "auto",
+                     output_dir: str | os.PathLike | None = None) -> AppController:
+    """Load the model (a diffusers folder, or "tiny") and its `--lora` files into an app controller.
+
+    `dtype="auto"` is bf16 on a GPU and fp32 on the CPU. The LoRA flags are checked before the slow load.
+    """
+    import torch
+
+    from editkit.infer.engine import Engine
+    from editkit.models import load_model
+
+    choices = lora_choices(loras)
+    if dtype == "auto":
+        on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        dtype = "bf16" if on_gpu else "fp32"
+    engine = Engine(load_model(model, dtype=dtype, device=device), model_name=str(model))
+    is_tiny = str(model).split(":")[0] == "tiny"
+    defaults = AppDefaults(steps=TINY_STEPS) if is_tiny else AppDefaults()
+    return AppController(engine, limits=limits, loras=choices, defaults=defaults, output_dir=output_dir)
+
+
+def launch(controller: AppController, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, block: bool = True):
+    """Serve the page; returns the running `gr.Blocks` (call `.close()` to stop) when `block=False`."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    from editkit.app.layout import CSS, build_blocks
+
+    blocks = build_blocks(controller)
+    blocks.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
+    try:
+        blocks.launch(
+            server_name=host, server_port=port, share=False, inbrowser=False, show_error=True, ssr_mode=False,
+            max_file_size=f"{controller.limits.max_file_mb}mb", prevent_thread_lock=not block,
+            quiet=not block, css=CSS, allowed_paths=[str(controller.output_dir)],
+        )
+    except OSError as err:
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({err}); choose another --port") from None
+    return blocks
