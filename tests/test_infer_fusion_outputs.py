@@ -50,12 +50,13 @@ def test_pixel_fusion_resizes_mask_and_source_to_the_output():
 
 
 def test_latent_mask_is_area_weighted_and_blend_respects_it():
-    weight = fusion.latent_mask(_box_mask((64, 64), (0, 0, 31, 63)), (8, 8))
+    weight = fusion.latent_mask(_box_mask((64, 64), (0, 0, 35, 63)), (8, 8))
     assert weight.shape == (8, 8)
-    assert torch.all(weight[:, :3] == 1) and torch.all(weight[:, 7:] == 0)
+    assert torch.all(weight[:, :4] == 1) and torch.all(weight[:, 5:] == 0)
+    torch.testing.assert_close(weight[:, 4], torch.full((8,), 0.5))
     a, b = torch.ones(1, 16, 8, 8), torch.zeros(1, 16, 8, 8)
     blended = fusion.blend_latents(a, b, weight)
-    assert torch.equal(blended[..., 7:], b[..., 7:]) and torch.equal(blended[..., :3], a[..., :3])
+    assert torch.equal(blended[..., 5:], b[..., 5:]) and torch.equal(blended[..., :4], a[..., :4])
 
 
 def test_unknown_fusion_mode_is_a_user_error():

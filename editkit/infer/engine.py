@@ -55,6 +55,9 @@ class EditRequest:
             raise UserError(f"steps must be at least 1, got {self.steps}")
         if self.sampler not in SAMPLERS:
             raise UserError(f"sampler {self.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+        if self.sampler == "flow" and self.steps < 2:
+            # one step gives sigmas [1.0]; the scheduler's terminal shift then divides by zero
+            raise UserError(f"the flow sampler needs at least 2 steps, got {self.steps}")
         fusion_ops.check_mode(self.fusion)
         if self.fusion != "off" and self.mask is None:
             raise UserError(f"fusion {self.fusion!r} needs a mask (white = edit region); give --mask or use fusion off")

@@ -10,8 +10,9 @@ Modes:
   the source latents noised to the current noise level (``(1 - sigma) * source + sigma * noise``,
   the flow-matching forward process), so the model paints the edit region in the context of the
   true background; at the last step (sigma 0) the background latents are exactly the source's.
-  The mask is downsampled to the latent grid by area (a latent is "edit" in proportion to its
-  pixels) and feathered there by one latent. The decoded background is then the VAE's
+  The mask is downsampled to the latent grid by area: a latent is "edit" in proportion to its
+  pixels, which softens the seam by one latent (8 pixels); latents without edit pixels follow
+  the source exactly. The decoded background is then the VAE's
   reconstruction of the source, not the source pixels: combine with ``pixel-mask`` for exact pixels.
 """
 
@@ -53,11 +54,11 @@ def paste_background(edited: Image.Image, source: Image.Image, mask: Image.Image
 
 
 def latent_mask(mask: Image.Image, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """Edit weight on the latent grid (H x W float32 tensor): area downsampling plus a one-latent feather."""
+    """Edit weight on the latent grid (H x W float32 tensor): the share of edit pixels of each latent."""
     h, w = latent_hw
-    small = mask.convert("L").resize((w, h), Image.Resampling.BOX)
-    small = small.filter(ImageFilter.MaxFilter(3)).filter(ImageFilter.GaussianBlur(0.5))
-    return torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)
+    grid = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    small = Image.fromarray(grid, "F").resize((w, h), Image.Resampling.BOX)
+    return torch.from_numpy(np.asarray(small, dtype=np.float32).copy())
 
 
 def blend_latents(latents: torch.Tensor, background: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
