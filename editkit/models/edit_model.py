@@ -311,11 +311,14 @@ class EditModel:
         A negative prompt of None means "no true CFG for this sample" ("" is a valid negative).
         """
         width, height = self.output_size(images[0] if images else [], width, height)
-        embeds, mask = self.encode_prompt(prompts, images)
         has_negative = [n is not None for n in negative_prompts] if negative_prompts else [False] * len(prompts)
         neg_embeds = neg_mask = None
-        if any(has_negative):
-            neg_embeds, neg_mask = self.encode_prompt([n or "" for n in negative_prompts], images)
+        if any(has_negative):  # one VLM pass for prompts and negatives
+            both, both_mask = self.encode_prompt([*prompts, *(n or "" for n in negative_prompts)], [*images, *images])
+            embeds, mask = _trim(both[: len(prompts)], both_mask[: len(prompts)])
+            neg_embeds, neg_mask = _trim(both[len(prompts) :], both_mask[len(prompts) :])
+        else:
+            embeds, mask = self.encode_prompt(prompts, images)
         cond_latents, cond_sizes = self.encode_conditions(images)
         shapes = self.img_shapes(width, height, cond_sizes)
         return EditInputs(
@@ -329,6 +332,12 @@ class EditModel:
             negative_mask=neg_mask,
             has_negative=has_negative,
         )
+
+
+def _trim(embeds: torch.Tensor, mask: torch.Tensor):
+    """Drop padding columns that no sample of the batch uses."""
+    length = int(mask.sum(dim=1).max())
+    return embeds[:, :length], mask[:, :length]
 
 
 def _rgb(image: Image.Image) -> Image.Image:
