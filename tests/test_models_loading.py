@@ -113,3 +113,11 @@ def test_cli_save_tiny_and_info(tmp_path):
     result = runner.invoke(app, ["model", "info", str(out)])
     assert result.exit_code == 0, result.output
     assert "qwen-image-edit-2509" in result.output and "transformer:" in result.output
+
+
+def test_attention_backend_option(tiny_dir):
+    default = load_model(tiny_dir, dtype="fp32", device="cpu")
+    native = load_model(tiny_dir, dtype="fp32", device="cpu", attention_backend="_native_math")
+    assert torch.allclose(_edit(default), _edit(native), atol=1e-5)
+    with pytest.raises(UserError, match="not available offline"):
+        load_model(tiny_dir, dtype="fp32", device="cpu", attention_backend="flash_hub")

@@ -124,10 +124,23 @@ def load_model(
     for module in (model.transformer, model.vae, model.text_encoder):
         module.eval().requires_grad_(False)
     if attention_backend:
-        model.transformer.set_attention_backend(attention_backend)
+        set_attention_backend(model.transformer, attention_backend)
     if compile:
         model.transformer.compile_repeated_blocks(fullgraph=True)
     return model
+
+
+def set_attention_backend(transformer, name: str) -> None:
+    """Route the transformer's attention through a diffusers backend; Hub-downloaded kernels are refused."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    known = sorted(b.value for b in AttentionBackendName if not b.value.endswith("_hub"))
+    if name.lower() not in known:
+        raise UserError(f"attention backend {name!r} is not available offline; use one of {', '.join(known)}")
+    try:
+        transformer.set_attention_backend(name.lower())
+    except (ImportError, RuntimeError, ValueError) as err:
+        raise UserError(f"attention backend {name!r} cannot run here ({err}); try 'native'") from None
 
 
 def _tiny_parts(spec: str, family: str | None, seed: int):
