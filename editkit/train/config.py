@@ -102,7 +102,7 @@ class OptimConfig(_Strict):
 class TrainLoop(_Strict):
     max_steps: int = Field(1000, ge=1)
     grad_accum: int = Field(1, ge=1)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, no on the CPU
     checkpoint_every: int = Field(500, ge=1)
     keep_last: int = Field(3, ge=1)
     log_every: int = Field(1, ge=1)
@@ -119,11 +119,11 @@ class TrainLoop(_Strict):
 class VaeStage(_Strict):
     """The `vae` stage: an AutoencoderKLQwenImage trained from scratch on images."""
 
-    base_dim: int = 16
-    z_dim: int = 8
-    dim_mult: list[int] = Field(default_factory=lambda: [1, 2, 2])
+    base_dim: int = 8  # the defaults are the tiny preset's VAE shape, so the tiny transformer fits it
+    z_dim: int = 4
+    dim_mult: list[int] = Field(default_factory=lambda: [1, 2, 2, 2])
     num_res_blocks: int = 1
-    temperal_downsample: list[bool] | None = None  # default: no temporal downsampling
+    temperal_downsample: list[bool] | None = None  # default: [False, True, True, ...] as the Qwen VAE
     input_channels: int = 3
     size: int = 64  # training images are resized/cropped to size x size
     loss: Literal["l1", "mse"] = "l1"

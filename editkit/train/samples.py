@@ -1,0 +1,161 @@
+"""One training sample: what the cache stores per record, and how samples become a batch.
+
+`encode_record` runs the EditModel facade once per record — the same function feeds the cache
+and online training, so both train on identical tensors. A sample is a flat dict of tensors:
+- `embeds.<variant>` (L, D): VLM embeddings of the instruction with the record's source images,
+  variants `en`, `cn`, `empty` (empty text, for CFG dropout) and `inverse`, `inverse_cn`
+  (the inverse instruction with the target image as the picture);
+- `target` (C, h, w): normalised latents of the target resized to its bucket;
+- `source.<j>` (C, h_j, w_j): each source image at the VAE view the engine uses (model.vae_size);
+- `bridge_source` (C, h, w): the first source resized to the target bucket (the LBM start);
+- `mask` (1, h, w): the edit-region mask area-averaged to the latent grid (if the record has one).
+The latents of a pure white image per bucket (`white_latents`) feed the LBM sub stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from editkit.data.images import bucket_for, load_image, load_mask, resize_to_bucket
+from editkit.data.records import EditRecord
+from editkit.errors import UserError
+
+Size = tuple[int, int]
+
+
+def image_size(path) -> Size:
+    """(width, height) from the file header, EXIF orientation applied, without decoding pixels."""
+    try:
+        with Image.open(path) as img:
+            orientation = img.getexif().get(0x0112, 1)
+            w, h = img.size
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read the image ({err.__class__.__name__}); replace or re-export it") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def sample_key(model, record: EditRecord, buckets: list[Size]) -> tuple[Size, tuple[Size, ...]]:
+    """The shape key of a record: its target bucket and the VAE sizes of its sources."""
+    if record.target is None:
+        raise UserError(f"record {record.id}: has no target image; training needs source/target pairs")
+    w, h = image_size(record.target)
+    sources = []
+    for p in record.sources:
+        sw, sh = image_size(p)
+        sources.append(tuple(model.vae_size(_Sized(sw, sh))))
+    return bucket_for(w, h, buckets), tuple(sources)
+
+
+@dataclass
+class _Sized:
+    width: int
+    height: int
+
+
+def _strip(embeds: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    return [embeds[i][mask[i].bool()].contiguous() for i in range(embeds.shape[0])]
+
+
+@torch.no_grad()
+def encode_record(model, record: EditRecord, bucket: Size) -> dict[str, torch.Tensor]:
+    """All tensors of one record (see module docstring), through the EditModel facade."""
+    w, h = bucket
+    target = resize_to_bucket(load_image(record.target), bucket)
+    sources = [load_image(p) for p in record.sources]
+    out = {"target": model.encode_images([target], w, h)[0]}
+    for j, img in enumerate(sources):
+        sw, sh = model.vae_size(img)
+        out[f"source.{j}"] = model.encode_images([img], sw, sh)[0]
+    if sources:
+        out["bridge_source"] = model.encode_images([resize_to_bucket(sources[0], bucket)], w, h)[0]
+    texts = {"en": record.instruction, "empty": ""}
+    if record.instruction_cn:
+        texts["cn"] = record.instruction_cn
+    names = list(texts)
+    embeds, mask = model.encode_prompt([texts[n] for n in names], [sources] * len(names))
+    out.update({f"embeds.{n}": e for n, e in zip(names, _strip(embeds, mask))})
+    inverse = {n: t for n, t in (("inverse", record.inverse_instruction),
+                                 ("inverse_cn", record.inverse_instruction_cn)) if t}
+    if inverse:
+        embeds, mask = model.encode_prompt(list(inverse.values()), [[target]] * len(inverse))
+        out.update({f"embeds.{n}": e for n, e in zip(inverse, _strip(embeds, mask))})
+    if record.mask is not None:
+        m = resize_to_bucket(load_mask(record.mask), bucket, Image.Resampling.NEAREST)
+        pixels = torch.frombuffer(bytearray(m.tobytes()), dtype=torch.uint8).view(1, 1, h, w).float() / 255
+        out["mask"] = F.interpolate(pixels, size=tuple(out["target"].shape[-2:]), mode="area")[0]
+    return out
+
+
+@torch.no_grad()
+def white_latents(model, bucket: Size) -> torch.Tensor:
+    """Normalised latents (C, h, w) of a pure white image of the bucket's size (LBM sub stream)."""
+    w, h = bucket
+    return model.encode_images([Image.new("RGB", (w, h), (255, 255, 255))], w, h)[0]
+
+
+@dataclass
+class TrainBatch:
+    """A stacked batch of same-shape samples, conditioning dropout already applied."""
+
+    target: torch.Tensor  # (B, C, h, w)
+    sources: list[torch.Tensor]  # each (B, C, h_j, w_j)
+    cond_sizes: list[Size]  # (width, height) of each source at the VAE view
+    embeds: torch.Tensor  # (B, L, D)
+    embeds_mask: torch.Tensor  # (B, L)
+    width: int
+    height: int
+    bridge_source: torch.Tensor | None = None
+    white: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # (B, 1, h, w)
+
+    def to(self, device) -> TrainBatch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TrainBatch(move(self.target), [move(s) for s in self.sources], self.cond_sizes, move(self.embeds),
+                          move(self.embeds_mask), self.width, self.height, move(self.bridge_source),
+                          move(self.white), move(self.mask))
+
+
+def pad_embeds(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (L_i, D) embeddings to (B, L, D) with a (B, L) long mask."""
+    length = max(e.shape[0] for e in embeds)
+    out = embeds[0].new_zeros(len(embeds), length, embeds[0].shape[-1])
+    mask = torch.zeros(len(embeds), length, dtype=torch.long)
+    for i, e in enumerate(embeds):
+        out[i, : e.shape[0]] = e
+        mask[i, : e.shape[0]] = 1
+    return out, mask
+
+
+def collate(samples: list[dict[str, torch.Tensor]], bucket: Size, cond_sizes: list[Size],
+            instruction: str = "en", cn_probability: float = 0.5, text_dropout: float = 0.0,
+            image_dropout: float = 0.0, white: torch.Tensor | None = None,
+            generator: torch.Generator | None = None) -> TrainBatch:
+    """Stack samples; pick the instruction variant; drop text (-> `embeds.empty`) or images (-> zeros).
+
+    The random choices come from `generator` in a fixed order (variant, text, image per sample).
+    """
+    chosen, keep_images = [], []
+    for s in samples:
+        r = torch.rand(3, generator=generator).tolist()
+        variant = "en"
+        if "embeds.cn" in s and (instruction == "cn" or (instruction == "mixed" and r[0] < cn_probability)):
+            variant = "cn"
+        chosen.append(s["embeds.empty"] if r[1] < text_dropout else s[f"embeds.{variant}"])
+        keep_images.append(0.0 if r[2] < image_dropout else 1.0)
+    embeds, mask = pad_embeds(chosen)
+    keep = torch.tensor(keep_images).view(-1, 1, 1, 1)
+    n_src = len(cond_sizes)
+    sources = [torch.stack([s[f"source.{j}"] for s in samples]) * keep.to(samples[0]["target"].dtype)
+               for j in range(n_src)]
+    masks = None
+    if any("mask" in s for s in samples):
+        zeros = torch.zeros(1, *samples[0]["target"].shape[-2:])
+        masks = torch.stack([s.get("mask", zeros) for s in samples])
+    bridge = torch.stack([s["bridge_source"] for s in samples]) if n_src else None
+    target = torch.stack([s["target"] for s in samples])
+    return TrainBatch(target, sources, list(cond_sizes), embeds, mask, bucket[0], bucket[1], bridge,
+                      None if white is None else white.unsqueeze(0).expand_as(target), masks)

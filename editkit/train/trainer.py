@@ -1,0 +1,244 @@
+"""The training loop shared by every stage: accelerate, accumulation, clipping, checkpoints, logs.
+
+A stage ("task") gives the trained module, `next_batch(generator)`, `loss(batch, generator)`,
+optional `validation_loss` / `preview`, `export(module, folder, step)` and a `sampler` with
+state_dict. The loop runs under `accelerate launch` / torchrun as well as alone.
+
+One step = one optimiser update = `loop.grad_accum` micro-batches. Randomness: the task draws
+timesteps, noise and dropout from a CPU generator seeded by (seed, rank); the checkpoint keeps
+it, the global RNGs of every rank and the sampler position, so a resumed run repeats an
+uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from editkit.errors import UserError
+from editkit.train import checkpoint as ckpt
+from editkit.train.config import TrainConfig
+from editkit.train.optim import build_optimizer, build_schedule, clips_gradients, eval_mode, train_mode
+from editkit.train.trainable import load_trainable_state_dict, trainable_state_dict
+
+MEMORY_HINT = ("lower memory with train.gradient_checkpointing=true, a smaller data.batch_size (raise "
+               "loop.grad_accum to keep the effective batch), a smaller data.area or train.lora.rank, "
+               "loop.mixed_precision=bf16, train.mode=lora, or launch with configs/accelerate/fsdp2.yaml "
+               "or deepspeed_zero3.yaml to shard the model over several GPUs")
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def _mixed_precision(cfg: TrainConfig) -> str:
+    mp = cfg.loop.mixed_precision
+    if mp == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return mp
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # The unused last-block text modules are frozen (editkit.train.trainable), so DDP needs no
+    # find_unused_parameters.
+    return Accelerator(mixed_precision=_mixed_precision(cfg),
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+
+
+def build_task(cfg: TrainConfig, accelerator):
+    if cfg.stage == "vae":
+        from editkit.train.vae_stage import VaeTask
+
+        return VaeTask(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
+    from editkit.train.edit_task import EditTask
+
+    return EditTask(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
+
+
+def _prepare_output(cfg: TrainConfig, accelerator, resume: bool) -> Path:
+    from editkit.utils.atomic import write_text
+
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        write_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    accelerator.wait_for_everyone()
+    return out
+
+
+def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None,
+          progress: bool = True) -> dict:
+    """Run (or resume) a training job; returns a summary. `stop_after` ends early (tests a kill)."""
+    cfg.loop.mixed_precision = _mixed_precision(cfg)
+    accelerator = make_accelerator(cfg)
+    try:
+        return _train(cfg, accelerator, resume, stop_after, progress)
+    except torch.OutOfMemoryError:
+        raise UserError(f"out of memory on {accelerator.device}; {MEMORY_HINT}") from None
+
+
+def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
+    from accelerate.utils import gather_object, set_seed
+
+    from editkit.utils.runinfo import write_run_manifest
+
+    set_seed(cfg.seed)  # identical model init on every rank
+    out = _prepare_output(cfg, accelerator, resume is not None)
+    ckpt_root = out / "checkpoints"
+    resume_path = ckpt.resolve_resume(resume, ckpt_root)
+    task = build_task(cfg, accelerator)
+    module = task.module
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg.optim)
+    schedule = build_schedule(optimizer, cfg.optim, cfg.loop.max_steps)
+    module.train()
+    wrapped, optimizer = accelerator.prepare(module, optimizer)
+    task.set_module(wrapped)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
+    step = 0
+    if resume_path is not None:
+        state = ckpt.load_checkpoint(resume_path)
+        load_trainable_state_dict(accelerator.unwrap_model(wrapped), state["trainable"], str(resume_path))
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        ranks = state["rng"]
+        if len(ranks) != accelerator.num_processes:
+            raise UserError(f"{resume_path}: saved by {len(ranks)} processes, resumed with "
+                            f"{accelerator.num_processes}; resume with the same number of processes")
+        ckpt.restore_rng(ranks[accelerator.process_index], generator)
+        task.sampler.load_state_dict(state["state"]["sampler"][accelerator.process_index])
+        step = state["state"]["step"]
+    if accelerator.is_main_process:
+        write_run_manifest(out, f"train ({cfg.stage})", cfg.model_dump(mode="json"), seed=cfg.seed,
+                           resumed_from=str(resume_path) if resume_path else None,
+                           world_size=accelerator.num_processes, **getattr(task, "info", {}))
+    logger = None
+    if accelerator.is_main_process:
+        from editkit.train.metrics import MetricsLogger
+
+        logger = MetricsLogger(out, cfg.loop.tensorboard, cfg.loop.wandb, run_name=out.name,
+                               config=cfg.model_dump(mode="json"), resume_step=step)
+
+    def save(at_step: int) -> Path | None:
+        eval_mode(optimizer)
+        rng = gather_object([ckpt.capture_rng(generator)])
+        samplers = gather_object([task.sampler.state_dict()])
+        optim_state = optimizer.state_dict()
+        trainable = trainable_state_dict(accelerator.unwrap_model(wrapped))
+        path = None
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(wrapped)
+            path = ckpt.save_checkpoint(
+                ckpt_root, at_step, trainable, optim_state, schedule.state_dict(), rng,
+                {"sampler": samplers, "stage": cfg.stage}, cfg.loop.keep_last,
+                extra_files={"export": lambda folder: task.export(unwrapped, folder, at_step)})
+        accelerator.wait_for_everyone()
+        train_mode(optimizer)
+        return path
+
+    from editkit.utils.progress import make_progress
+
+    bar = make_progress("steps", disable=not (progress and accelerator.is_main_process))
+    clip = clips_gradients(cfg.optim)
+    last_saved = resume_path
+    start, t0 = step, time.time()
+    with bar:
+        task_id = bar.add_task("train", total=cfg.loop.max_steps, completed=step, status="")
+        while step < cfg.loop.max_steps:
+            train_mode(optimizer)
+            parts: dict[str, float] = {}
+            total = 0.0
+            for micro in range(cfg.loop.grad_accum):
+                batch = task.next_batch(generator)
+                sync = micro == cfg.loop.grad_accum - 1
+                with accelerator.no_sync(wrapped) if not sync else _null():
+                    with accelerator.autocast():
+                        out_loss = task.loss(batch, generator)
+                    loss = out_loss.loss / cfg.loop.grad_accum
+                    finite = torch.tensor([1.0 if math.isfinite(loss.item()) else 0.0], device=accelerator.device)
+                    if accelerator.gather(finite).min().item() == 0:
+                        raise NonFiniteLoss(
+                            f"step {step + 1}: the loss is {loss.item()} (not finite); the run stopped. "
+                            f"Last good checkpoint: {ckpt.latest_checkpoint(ckpt_root) or 'none'}. "
+                            "Lower optim.lr, use loop.mixed_precision=bf16 instead of fp16, or check the data")
+                    accelerator.backward(loss)
+                total += loss.item()
+                for k, v in out_loss.parts.items():
+                    parts[k] = parts.get(k, 0.0) + v / cfg.loop.grad_accum
+            grad_norm = None
+            if clip:
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            lr = schedule.get_last_lr()[0]
+            if logger is not None and step % cfg.loop.log_every == 0:
+                row = {"loss": total, "lr": lr, **parts}
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                logger.log(step, row)
+            bar.update(task_id, completed=step, status=f"loss {total:.4f}")
+            _periodic(cfg, task, optimizer, accelerator, logger, out, step)
+            if step % cfg.loop.checkpoint_every == 0 or step == cfg.loop.max_steps:
+                last_saved = save(step) or last_saved
+            if stop_after is not None and step >= stop_after:
+                break
+    final = None
+    if step == cfg.loop.max_steps and accelerator.is_main_process:
+        eval_mode(optimizer)
+        final = out / "final"
+        from editkit.utils.atomic import atomic_dir
+
+        with atomic_dir(final) as tmp:
+            task.export(accelerator.unwrap_model(wrapped), tmp, step)
+    accelerator.wait_for_everyone()
+    if logger is not None:
+        logger.close()
+    return {"steps": step, "resumed_from": str(resume_path) if resume_path else None,
+            "seconds": time.time() - t0, "steps_run": step - start, "output_dir": str(out),
+            "final": str(final) if final else None}
+
+
+def _periodic(cfg: TrainConfig, task, optimizer, accelerator, logger, out: Path, step: int) -> None:
+    """Validation loss and previews on the main process, with schedule-free weights in eval mode."""
+    do_val = cfg.loop.validate_every and step % cfg.loop.validate_every == 0
+    do_preview = cfg.loop.preview_every and step % cfg.loop.preview_every == 0
+    if not (do_val or do_preview):
+        return
+    eval_mode(optimizer)
+    module = accelerator.unwrap_model(task.module)
+    wrapped = task.module
+    was_training = module.training
+    module.eval()
+    task.set_module(module)  # no DDP collectives while only the main process runs the model
+    if accelerator.is_main_process:
+        if do_val:
+            value = task.validation_loss(cfg.seed)
+            if value is not None:
+                logger.log(step, {"val_loss": value})
+        if do_preview:
+            path = task.preview(out / "previews" / f"step-{step:06d}.png", cfg.loop.preview_steps,
+                                cfg.loop.preview_cfg)
+            if path is not None:
+                logger.image("preview", path, step)
+    module.train(was_training)
+    task.set_module(wrapped)
+    accelerator.wait_for_everyone()
+    train_mode(optimizer)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
