@@ -21,7 +21,9 @@ from editkit.eval.metrics.efficientnet import FEATURE_DIM
 class CachedFeatures(nn.Module):
     """Pass-through 'extractor' for features computed earlier."""
 
-    num_features = FEATURE_DIM
+    def __init__(self, num_features: int = FEATURE_DIM):
+        super().__init__()
+        self.num_features = num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -46,11 +48,11 @@ def _result(fid, kid) -> dict[str, float]:
 
 
 def fid_kid_from_features(real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
-    """FID/KID from (N, 1280) feature arrays; NaN with fewer than 2 pairs."""
+    """FID/KID from (N, D) feature arrays (D = 1280 for EfficientNet-Lite0); NaN with fewer than 2 pairs."""
     n = min(len(real), len(fake))
     if n < 2:
         return {"fid_effnet": math.nan, "kid_effnet": math.nan, "kid_effnet_std": math.nan}
-    fid, kid = _metrics(CachedFeatures(), n)
+    fid, kid = _metrics(CachedFeatures(np.shape(real)[1]), n)
     real_t, fake_t = torch.from_numpy(np.asarray(real, np.float64)), torch.from_numpy(np.asarray(fake, np.float64))
     for metric in (fid, kid):
         metric.update(real_t, real=True)

@@ -39,8 +39,10 @@ class Preprocess:
             img = img.resize((self.resize_to[1], self.resize_to[0]), self.resample)
         elif self.shortest_edge is not None:
             w, h = img.size
-            scale = self.shortest_edge / min(w, h)
-            img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), self.resample)
+            short, long = (w, h) if w <= h else (h, w)
+            new_long = int(self.shortest_edge * long / short)  # truncation, as transformers does
+            size = (self.shortest_edge, new_long) if w <= h else (new_long, self.shortest_edge)
+            img = img.resize(size, self.resample)
         if self.crop is not None:
             img = center_crop(img, *self.crop)
         array = np.asarray(img, dtype=np.float32) / 255.0
