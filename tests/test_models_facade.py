@@ -112,3 +112,18 @@ def test_bridge_sampler_follows_the_bridge(model):
     noisy_a = bridge_sample(model, inputs, source, steps=2, bridge_noise=0.5, seeds=[1])
     noisy_b = bridge_sample(model, inputs, source, steps=2, bridge_noise=0.5, seeds=[1])
     assert torch.equal(noisy_a, noisy_b) and not torch.allclose(noisy_a, out, atol=1e-3)
+
+
+@pytest.mark.parametrize("size", [(1000, 700), (640, 1280), (333, 333)])
+def test_sizes_follow_the_pipelines(model, size, monkeypatch):
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    img = Image.new("RGB", size)
+    monkeypatch.setattr(model, "vae_image_area", plus.VAE_IMAGE_SIZE)
+    monkeypatch.setattr(model, "vlm_image_area", plus.CONDITION_IMAGE_SIZE)
+    monkeypatch.setattr(model, "output_area", 1024 * 1024)
+    assert model.vae_size(img) == plus.calculate_dimensions(plus.VAE_IMAGE_SIZE, size[0] / size[1])
+    assert model.vlm_size(img) == plus.calculate_dimensions(plus.CONDITION_IMAGE_SIZE, size[0] / size[1])
+    w, h = plus.calculate_dimensions(1024 * 1024, size[0] / size[1])
+    assert model.output_size([Image.new("RGB", (50, 50)), img]) == (w // 16 * 16, h // 16 * 16)
+    assert model.output_size([img], 200, 99) == (192, 96)

@@ -128,6 +128,8 @@ def sample(
         use = use_cfg.view(-1, 1, 1).to(latents.device)
     else:
         embeds, mask, cond, shapes = inputs.prompt_embeds, inputs.prompt_mask, inputs.cond_latents, inputs.img_shapes
+    if mask is not None and bool(mask.all()):
+        mask = None  # no padding: skip the attention mask (as the pipelines do), once, not per step
 
     scheduler = make_scheduler(model, steps, latents.shape[1])
     with torch.no_grad():
