@@ -211,3 +211,48 @@ def test_write_folder_refuses_non_empty_folder(images):
     with pytest.raises(UserError, match="not an empty folder"):
         write_manifest(_records(images), images / "out", "folder")
     assert (images / "out" / "keep.txt").read_text() == "x"
+
+
+_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1,
+                max_size=12)
+_name = st.text(alphabet="abcdefghij_-[] .0123", min_size=1, max_size=8).filter(lambda s: s.strip(" .") == s and s)
+_meta_value = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
+    max_leaves=6)
+
+
+@st.composite
+def _record_lists(draw, root: Path):
+    n = draw(st.integers(1, 4))
+    ids = draw(st.lists(_text, min_size=n, max_size=n, unique=True))
+    records = []
+    for rid in ids:
+        path = lambda: draw(st.none() | _name.map(lambda s: root / "imgs" / f"{s}.png"))
+        records.append(EditRecord(
+            id=rid, instruction=draw(_text), sources=draw(st.lists(_name.map(lambda s: root / f"{s}.png"), max_size=3)),
+            target=path(), mask=path(), ref_gt=path(), instruction_cn=draw(st.none() | _text),
+            inverse_instruction=draw(st.none() | _text), inverse_instruction_cn=draw(st.none() | _text),
+            task=draw(st.none() | _text),
+            metadata=draw(st.dictionaries(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=6), _meta_value, max_size=4))))
+    return records
+
+
+_ROOT = Path(tempfile.gettempdir()) / "editkit-roundtrip"
+
+
+@_fuzz
+@given(records=_record_lists(_ROOT), fmt=st.sampled_from(["pairs", "diffsynth"]),
+       ext=st.sampled_from([".json", ".jsonl", ".csv"]))
+def test_property_round_trip_any_record(records, fmt, ext):
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"m{ext}"
+        write_manifest(records, path, fmt)
+        assert read_manifest(path) == records
+
+
+def test_csv_refuses_nul(tmp_path):
+    with pytest.raises(UserError, match="NUL"):
+        write_manifest([EditRecord("a", "x\x00y")], tmp_path / "m.csv", "pairs")
+    assert not (tmp_path / "m.csv").exists()

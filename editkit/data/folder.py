@@ -21,7 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
-from editkit.data.formats import Row, RowError, assign_ids, read_rows, record_to_row, row_to_record
+from editkit.data.formats import Row, RowError, assign_ids, read_rows, record_to_row, row_to_record, split_lines
 from editkit.data.records import EditRecord
 from editkit.errors import UserError
 from editkit.utils.atomic import atomic_dir, write_text
@@ -77,7 +77,7 @@ def _prompt_rows(path: Path) -> list[Row]:
         return list(read_rows(path))
     rows = []
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        lines = split_lines(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     for lineno, line in enumerate(lines, 1):

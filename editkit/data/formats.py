@@ -46,8 +46,10 @@ _COMMON = ("id", "ref_gt", "task", "instruction_cn", "inverse_instruction", "inv
 for _schema in SCHEMAS.values():
     _schema.update({name: name for name in _COMMON})
 
-# metadata keys that would read back as a record field (in either schema) are nested under "metadata"
+# metadata keys that would read back as a record field (in either schema), and blank keys (no CSV
+# column can have them), are written nested under "metadata"
 _RESERVED = {name for schema in SCHEMAS.values() for name in schema.values()} | {"metadata"}
+_SOURCE_COLUMNS = {schema["sources"] for schema in SCHEMAS.values()}
 TEXT_FIELDS = ("id", "instruction", "task", "instruction_cn", "inverse_instruction", "inverse_instruction_cn")
 PATH_FIELDS = ("target", "mask", "ref_gt")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -84,7 +86,7 @@ def read_rows(path: Path) -> Iterator[Row]:
     if not path.is_file():
         raise UserError(f"{path}: manifest not found; check the path")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = path.read_bytes().decode("utf-8-sig")  # no newline translation: a quoted CSV "\r" stays
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the manifest as UTF-8") from None
     except OSError as err:
@@ -101,7 +103,7 @@ def read_rows(path: Path) -> Iterator[Row]:
         for i, item in enumerate(data):
             yield Row(f"{path}[{i}]", item)
     elif container == "jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(split_lines(text), 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -112,6 +114,11 @@ def read_rows(path: Path) -> Iterator[Row]:
                 yield Row(where, None, error=RowError(where, None, "bad-json", f"invalid JSON ({msg}); fix the line"))
     else:
         yield from _read_csv_rows(path, text)
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines split at \\n only (str.splitlines also splits at U+2028 etc., which JSON text may hold)."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
 def _read_csv_rows(path: Path, text: str) -> Iterator[Row]:
@@ -134,7 +141,7 @@ def _read_csv_rows(path: Path, text: str) -> Iterator[Row]:
                 yield Row(where, None, csv=True, error=RowError(
                     where, None, "bad-row", f"{len(cells)} cells for {len(header)} columns; fix the row"))
                 continue
-            yield Row(where, {h: c for h, c in zip(header, cells) if c != ""}, csv=True)
+            yield Row(where, dict(zip(header, cells)), csv=True)
     except csv.Error as err:
         raise UserError(f"{path}:{reader.line_num}: bad CSV ({err}); fix the file") from None
 
@@ -164,7 +171,9 @@ def _csv_cell_for(column: str, row: dict[str, Any], plain: set[str]) -> str:
     if column in plain:
         if value is None:
             return ""
-        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        if isinstance(value, str) and not (column in _SOURCE_COLUMNS and value.startswith("[")):
+            return value
+        return json.dumps(value if not isinstance(value, str) else [value], ensure_ascii=False)
     return "null" if value is None else _csv_text(value)
 
 
@@ -216,9 +225,10 @@ def row_to_record(row: Row, schema_name: str, base_dir: Path, fields: dict[str, 
         column = column_name(schema, attr, fields)
         if column in data:
             values[attr] = data.pop(column)
-    if row.csv:
+    if row.csv:  # an empty cell is an absent value (an empty instruction stays "", for validate to flag)
+        values = {k: v for k, v in values.items() if v != "" or k == "instruction"}
         values["sources"] = _csv_list(values.get("sources"), row, column_name(schema, "sources", fields))
-        data = {k: _csv_cell(v) for k, v in data.items()}
+        data = {k: _csv_cell(v) for k, v in data.items() if v != ""}
 
     kwargs: dict[str, Any] = {}
     for attr in TEXT_FIELDS:
@@ -241,7 +251,9 @@ def row_to_record(row: Row, schema_name: str, base_dir: Path, fields: dict[str, 
         data["metadata"] = metadata
         metadata = None
     kwargs["metadata"] = {**(metadata or {}), **data}
-    kwargs["id"] = kwargs["id"] or None
+    for attr in TEXT_FIELDS:  # empty optional text is absent, the same in every container
+        if attr != "instruction" and kwargs[attr] == "":
+            kwargs[attr] = None
     return EditRecord(**kwargs)
 
 
@@ -345,7 +357,7 @@ def record_to_row(record: EditRecord, schema_name: str, out_dir: Path) -> dict[s
     for attr in ("task", "instruction_cn", "inverse_instruction", "inverse_instruction_cn"):
         if getattr(record, attr) is not None:
             row[attr] = getattr(record, attr)
-    clashes = {k: v for k, v in record.metadata.items() if k in _RESERVED}
+    clashes = {k: v for k, v in record.metadata.items() if k in _RESERVED or not str(k).strip()}
     row.update({k: v for k, v in record.metadata.items() if k not in clashes})
     if clashes:
         row["metadata"] = clashes
@@ -375,11 +387,13 @@ def write_table(records: list[EditRecord], path: Path, schema: str) -> None:
         columns: dict[str, None] = {}
         for r in rows:
             columns.update(dict.fromkeys(r))
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(columns)
         plain = set(SCHEMAS[schema].values())
-        for r in rows:
-            writer.writerow([_csv_cell_for(c, r, plain) for c in columns])
+        table = [list(columns)] + [[_csv_cell_for(c, r, plain) for c in columns] for r in rows]
+        # with "\n" line ends the csv module leaves a lone "\r" unquoted, which readers take as a line end
+        lone_cr = any("\r" in cell for line in table for cell in line)
+        if any("\x00" in cell for line in table for cell in line):
+            raise UserError(f"{path}: a record holds a NUL character, which CSV cannot store; write .jsonl instead")
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL if lone_cr else csv.QUOTE_MINIMAL).writerows(table)
         text = buf.getvalue()
     write_text(path, text)
