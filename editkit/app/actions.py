@@ -160,9 +160,12 @@ class AppController:
         session = AppSession(EditSession(self.engine, images), folder)
         return self.view(session, f"Loaded {len(images)} source image(s). Describe the edit and press Edit.")
 
-    def edit(self, session: AppSession | None, settings: EditSettings, editor_value: dict | None = None,
-             mask_path: str | None = None, progress: Progress | None = None) -> View:
-        """Run one turn on the current image; its result becomes the next turn's source."""
+    def check(self, session: AppSession | None, settings: EditSettings, editor_value: dict | None = None,
+              mask_path: str | None = None) -> tuple[EditSettings, Image.Image | None]:
+        """The checked settings and the mask (uploaded, else painted, else None) — no model work.
+
+        The page runs this first, outside the GPU queue, so a mistake is reported at once.
+        """
         if session is None:
             raise UserError("No source image: upload one first (PNG, JPEG, WebP or BMP)")
         settings = settings.checked(self.limits, len(self.loras))
@@ -170,6 +173,12 @@ class AppController:
         mask = load_uploaded_mask(mask_path, size, self.limits) if mask_path else mask_from_editor(editor_value, size)
         if settings.fusion != "off" and mask is None:
             raise UserError(f"Mask fusion '{settings.fusion}' needs a mask: paint the edit region or upload a mask")
+        return settings, mask
+
+    def edit(self, session: AppSession | None, settings: EditSettings, editor_value: dict | None = None,
+             mask_path: str | None = None, progress: Progress | None = None) -> View:
+        """Run one turn on the current image; its result becomes the next turn's source."""
+        settings, mask = self.check(session, settings, editor_value, mask_path)
         self._set_lora_scales(settings.lora_scales)
         overrides = {"negative_prompt": settings.negative_prompt} if settings.negative_prompt else {}
         session.edit.turn(

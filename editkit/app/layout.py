@@ -17,7 +17,7 @@ from typing import Any
 import gradio as gr
 
 from editkit.app.actions import MAX_SEED, AppController, EditSettings, View
-from editkit.app.limits import ACCEPTED_SUFFIXES
+from editkit.app.limits import ACCEPTED_SUFFIXES, load_sources
 from editkit.errors import UserError
 from editkit.infer.fusion import FUSION_MODES
 
@@ -98,7 +98,7 @@ def build_blocks(controller: AppController) -> gr.Blocks:
                     undo = gr.Button("↶ Undo last turn", elem_id="undo")
                     download = gr.DownloadButton("⬇ Download PNG (with settings)", value=None, interactive=False,
                                                  elem_id="download")
-                history = gr.Gallery(label="History (turn 0 = source)", columns=6, height=180, object_fit="contain",
+                history = gr.Gallery(label="History (turn 0 = source)", columns=6, height=180, object_fit="contain", fit_columns=False,
                                      type="pil", format="png", elem_id="history", interactive=False)
                 status = gr.Markdown(elem_id="status")
 
@@ -118,24 +118,32 @@ def build_blocks(controller: AppController) -> gr.Blocks:
         def on_sources(paths):
             return show(controller.start(paths))
 
+        edit_inputs = {session, editor, mask_file, instruction, negative, cfg, steps, seed, width, height, fusion,
+                       *lora_sliders}
+
+        def settings_of(values: dict) -> EditSettings:
+            return EditSettings(
+                instruction=values[instruction], negative_prompt=values[negative], true_cfg_scale=values[cfg],
+                steps=values[steps], seed=values[seed], width=values[width], height=values[height],
+                fusion=values[fusion], lora_scales=[values[s] for s in lora_sliders],
+            )
+
+        @_user_errors_as_popups
+        def check_edit(values: dict) -> None:
+            controller.check(values[session], settings_of(values), values[editor], values[mask_file])
+
         @_user_errors_as_popups
         def on_edit(values: dict, progress=gr.Progress()):
-            settings = EditSettings(
-                instruction=values[instruction],
-                negative_prompt=values[negative],
-                true_cfg_scale=values[cfg],
-                steps=values[steps],
-                seed=values[seed],
-                width=values[width],
-                height=values[height],
-                fusion=values[fusion],
-                lora_scales=[values[s] for s in lora_sliders],
-            )
             view = controller.edit(
-                values[session], settings, editor_value=values[editor], mask_path=values[mask_file],
+                values[session], settings_of(values), editor_value=values[editor], mask_path=values[mask_file],
                 progress=lambda step, total: progress((step, total), desc="Denoising", unit="steps"),
             )
             return show(view)
+
+        @_user_errors_as_popups
+        def check_sources(paths) -> None:
+            if paths:
+                load_sources(paths, limits)
 
         @_user_errors_as_popups
         def on_undo(current):
@@ -144,22 +152,14 @@ def build_blocks(controller: AppController) -> gr.Blocks:
                 gr.Warning(view.warning)
             return show(view)
 
-        sources.upload(on_sources, sources, view_outputs, concurrency_limit=None)
-        sources.clear(on_sources, sources, view_outputs, concurrency_limit=None)
-        run.click(
-            on_edit,
-            {session, editor, mask_file, instruction, negative, cfg, steps, seed, width, height, fusion, *lora_sliders},
-            view_outputs,
-            concurrency_id="gpu",
-            concurrency_limit=1,
-        )
-        instruction.submit(
-            on_edit,
-            {session, editor, mask_file, instruction, negative, cfg, steps, seed, width, height, fusion, *lora_sliders},
-            view_outputs,
-            concurrency_id="gpu",
-            concurrency_limit=1,
-        )
+        # Checks run first with no outputs, outside the GPU queue: a mistake shows one pop-up at once
+        # and leaves the page as it was; only checked edits wait for the GPU.
+        for trigger in (run.click, instruction.submit):
+            trigger(check_edit, edit_inputs, None, concurrency_limit=None, show_progress="hidden").success(
+                on_edit, edit_inputs, view_outputs, concurrency_id="gpu", concurrency_limit=1)
+        for trigger in (sources.upload, sources.clear):
+            trigger(check_sources, sources, None, concurrency_limit=None, show_progress="hidden").success(
+                on_sources, sources, view_outputs, concurrency_limit=None)
         undo.click(on_undo, session, view_outputs, concurrency_limit=None)
         dice.click(lambda: random.randint(0, MAX_SEED), None, seed, concurrency_limit=None)
     return blocks
