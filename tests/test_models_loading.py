@@ -121,3 +121,14 @@ def test_attention_backend_option(tiny_dir):
     assert torch.allclose(_edit(default), _edit(native), atol=1e-5)
     with pytest.raises(UserError, match="not available offline"):
         load_model(tiny_dir, dtype="fp32", device="cpu", attention_backend="flash_hub")
+
+
+def test_cli_missing_folder_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    code = f"from editkit import cli; cli.main(['model', 'info', {str(tmp_path / 'nowhere')!r}])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model folder not found" in lines[0]
