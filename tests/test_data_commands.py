@@ -148,3 +148,33 @@ def test_build_from_folders_normalises_and_resumes(tmp_path):
     assert p1.target.stat().st_mtime_ns == stamp  # resumed: finished records are kept
     with pytest.raises(UserError):
         records_from_folders(tmp_path / "nope", prompts=tmp_path / "prompts.txt")
+
+
+@pytest.mark.parametrize("args", [
+    ["data", "build", "{m}", "--out", "{d}/b", "--multiple", "7"],
+    ["data", "build", "--out", "{d}/b"],
+    ["data", "split", "{m}", "--out", "{d}/s", "--to", "folder"],
+    ["data", "split", "{m}", "--out", "{d}/s", "--fractions", "a"],
+    ["data", "select", "{m}", "--out", "{d}/s.jsonl", "--top", "3", "--by", "missing"],
+    ["data", "synth", "{d}/keep", "--n", "3"],
+    ["data", "synth", "--out", "{d}/keep", "--n", "3"],
+    ["data", "convert", "{m}", "{d}/c.xml"],
+    ["data", "validate", "{m}", "--field", "zzz=1"],
+    ["data", "mix", "{d}", "--weights", "nope=1"],
+])
+def test_cli_bad_invocations_exit_2_with_one_line(tmp_path, capsys, args):
+    from editkit.cli import main
+
+    m = tmp_path / "m.jsonl"
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    write_manifest([EditRecord("r", "x", [tmp_path / "a.png"], tmp_path / "a.png", metadata={"s": 1})], m, "pairs")
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "precious.txt").write_text("x")
+    (tmp_path / "ds").mkdir()
+    write_manifest([EditRecord("r", "x")], tmp_path / "ds" / "train.jsonl", "pairs")
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.format(m=m, d=tmp_path) for a in args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
+    assert (tmp_path / "keep" / "precious.txt").read_text() == "x"

@@ -101,6 +101,8 @@ def build_dataset(records: list[EditRecord], out: str | os.PathLike, area: int |
                   workers: int = 1, manifest_name: str = "manifest.jsonl", progress: bool = True) -> Path:
     """Normalise every record's images into `out`; returns the written manifest. Resumable."""
     out = Path(out)
+    if multiple not in (16, 32):
+        raise UserError(f"--multiple must be 16 or 32, got {multiple}")
     if area is not None and area < multiple * multiple:
         raise UserError(f"--area {area} is smaller than one {multiple}x{multiple} tile")
     for record in records:

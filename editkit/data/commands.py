@@ -43,6 +43,14 @@ def _fields(field: list[str] | None) -> dict[str, str]:
     return parse_field_overrides(field)
 
 
+def _table_schema(to: str) -> str:
+    from editkit.errors import UserError
+
+    if to.lower() not in ("pairs", "editkit", "diffsynth"):
+        raise UserError(f"--to {to!r}: use pairs or diffsynth")
+    return to.lower()
+
+
 def _output_format(out: Path, to: str | None) -> str:
     """--to, else "folder" for a path without extension, else the pairs schema."""
     if to:
@@ -133,10 +141,11 @@ def split(
     from editkit.data.manifest import read_manifest, write_manifest
     from editkit.data.tools import parse_weights, split_records
 
+    schema, weights = _table_schema(to), parse_weights(fractions)
     records = read_manifest(manifest, format, _fields(field))
-    parts = split_records(records, parse_weights(fractions), seed)
+    parts = split_records(records, weights, seed)
     for name, part in parts.items():
-        write_manifest(part, out / f"{name}.{ext.lstrip('.')}", to)
+        write_manifest(part, out / f"{name}.{ext.lstrip('.')}", schema)
     typer.echo(", ".join(f"{name}: {len(part)}" for name, part in parts.items()))
 
 
@@ -158,7 +167,7 @@ def select(
 
     records = read_manifest(manifest, format, _fields(field))
     chosen = select_top(records, top, by, ascending=ascending, skip_missing=skip_missing)
-    write_manifest(chosen, out, to)
+    write_manifest(chosen, out, _table_schema(to))
     typer.echo(f"wrote {len(chosen)} of {len(records)} records to {out}")
 
 
