@@ -174,3 +174,112 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"editkit: error: {bad}: field optim.learning_rate: unknown field; check the spelling "
         "(docs/training.md lists the fields)"]
+
+
+def _edit_plus_pipeline(model, monkeypatch):
+    """The diffusers 2511 pipeline over the same components, with the tiny model's view sizes."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    monkeypatch.setattr(plus, "CONDITION_IMAGE_SIZE", model.vlm_image_area)
+    monkeypatch.setattr(plus, "VAE_IMAGE_SIZE", model.vae_image_area)
+    pipe = plus.QwenImageEditPlusPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config), vae=model.vae,
+        text_encoder=model.text_encoder, tokenizer=model.tokenizer, processor=model.processor,
+        transformer=model.transformer)
+    pipe.prompt_template_encode_start_idx = model.drop_idx
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_trained_lora_changes_engine_and_diffusers_identically(lora_run, synth, monkeypatch):
+    from editkit.data import read_manifest
+    from editkit.data.images import load_image
+    from editkit.infer.engine import Engine
+    from editkit.infer.sampler import sample
+    from editkit.models import load_model
+
+    out, _ = lora_run
+    record = read_manifest(synth["val"])[0]
+    image, prompt = load_image(record.sources[0]), record.instruction
+    model = load_model("tiny", dtype="fp32", device="cpu")
+    inputs = model.prepare([prompt], [[image]], 64, 64, None)
+    base = sample(model, inputs, steps=3, true_cfg_scale=1.0, seeds=[0])
+    engine = Engine(model)
+    results = {}
+    for name in ("pytorch_lora_weights.safetensors", "lora_comfyui.safetensors", "lora_diffsynth.safetensors"):
+        engine.load_loras([str(out / "final" / name)])
+        results[name] = sample(model, inputs, steps=3, true_cfg_scale=1.0, seeds=[0])
+    engine.unload_loras()
+    reference = load_model("tiny", dtype="fp32", device="cpu")
+    pipe = _edit_plus_pipeline(reference, monkeypatch)
+    pipe.load_lora_weights(str(out / "final"))
+    ref = pipe(image=[image], prompt=prompt, negative_prompt=None, true_cfg_scale=1.0, num_inference_steps=3,
+               width=64, height=64, generator=torch.Generator("cpu").manual_seed(0), output_type="latent").images
+    ours = results["pytorch_lora_weights.safetensors"]
+    assert (ours - base).abs().max() > 1e-2  # the LoRA changes the edit
+    assert (ours - ref).abs().max() <= 1e-4  # exactly as diffusers applies it
+    for name, other in results.items():
+        assert torch.equal(other, ours), name
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_run(cache_dir, tmp_path):
+    import json
+    import os
+    import socket
+
+    import yaml
+
+    cfg = _cfg(tmp_path / "ddp", cache_dir, loop={"max_steps": 2, "checkpoint_every": 2})
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), "-m", "editkit", "train", str(path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert run["world_size"] == 2
+    from editkit.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step-000002")
+    assert len(state["rng"]) == 2 and len(state["state"]["sampler"]) == 2
+    assert sorted(_losses(tmp_path / "ddp")) == [1, 2]
+
+
+def test_vae_stage_trains_and_saves_a_loadable_vae(synth, tmp_path):
+    import shutil
+
+    from diffusers import AutoencoderKLQwenImage
+
+    from editkit.models import load_model
+    from editkit.models.loading import save_tiny
+
+    cfg = validate_config({
+        "stage": "vae", "output_dir": str(tmp_path / "vae"),
+        "data": {"train": [{"manifest": str(synth["train"])}], "batch_size": 8},
+        "vae": {"size": 32, "stats_batches": 2},
+        "optim": {"lr": 3e-3, "schedule": "constant"},
+        "loop": {"max_steps": 15, "checkpoint_every": 1000, "tensorboard": False, "mixed_precision": "no",
+                 "preview_every": 15, "val_samples": 4}})
+    train(cfg, progress=False)
+    losses = _losses(tmp_path / "vae")
+    assert _mean([losses[s] for s in (13, 14, 15)]) < 0.8 * _mean([losses[s] for s in (1, 2, 3)])
+    assert (tmp_path / "vae" / "previews" / "step-000015.png").is_file()
+    vae = AutoencoderKLQwenImage.from_pretrained(tmp_path / "vae" / "final" / "vae")
+    assert len(vae.config.latents_mean) == 4 and vae.config.latents_std != [1.0] * 4
+    # the facade normalises the new latents: about zero mean and unit std per channel
+    folder = save_tiny(tmp_path / "model")
+    shutil.rmtree(folder / "vae")
+    shutil.copytree(tmp_path / "vae" / "final" / "vae", folder / "vae")
+    model = load_model(folder, dtype="fp32", device="cpu")
+    from editkit.train.vae_stage import VaeTask
+
+    task = VaeTask(cfg, torch.device("cpu"))
+    pixels = task.pixels(list(range(16)))[:, :, 0]
+    z = model.encode_latents(pixels).transpose(0, 1).reshape(4, -1)
+    assert z.mean(1).abs().max() < 0.05 and (z.std(1) - 1).abs().max() < 0.05

@@ -187,3 +187,66 @@ def test_checkpoint_roundtrip_keep_last_and_rng(tmp_path):
     with pytest.raises(UserError, match="not a complete checkpoint"):
         ckpt.load_checkpoint(latest)
     assert ckpt.resolve_resume("latest", tmp_path / "none") is None
+
+
+def test_example_configs_validate():
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert {"lora_2511.yaml", "full_ft_2511.yaml", "lbm_2511.yaml", "vae_tiny.yaml", "tiny_lora.yaml"} <= set(names)
+    for path in root.glob("*.yaml"):
+        load_config(path)
+    for path in (root / "accelerate").glob("*.yaml"):
+        assert yaml.safe_load(path.read_text())["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+    zero3 = yaml.safe_load((root / "deepspeed" / "zero3.json").read_text())["zero_optimization"]
+    assert zero3["stage"] == 3 and zero3["overlap_comm"] and zero3["offload_param"]["device"] == "none"
+
+
+def test_unused_last_block_modules_are_left_out():
+    """The last block's text output is discarded: those weights get no gradient, so editkit freezes them."""
+    from editkit.models.tiny import build_tiny
+    from editkit.train.config import ModelSection
+    from editkit.train.trainable import lora_target_modules, setup_trainable, unused_module_names
+
+    transformer = build_tiny("qwen-image-edit-2511").transformer
+    last = len(transformer.transformer_blocks) - 1
+    hidden = torch.randn(1, 32, transformer.config.in_channels)
+    text = torch.randn(1, 5, transformer.config.joint_attention_dim)
+    transformer(hidden, text, torch.ones(1, 5), torch.tensor([0.5]), [[(1, 4, 4), (1, 4, 4)]]).sample.sum().backward()
+    no_grad = {n.rsplit(".", 1)[0] for n, p in transformer.named_parameters() if p.grad is None}
+    unused = unused_module_names(transformer)
+    assert {m for m in no_grad} == {f"transformer_blocks.{last}.attn.to_add_out",
+                                    f"transformer_blocks.{last}.txt_mlp.net.0.proj",
+                                    f"transformer_blocks.{last}.txt_mlp.net.2"}
+    assert all(any(n == u or n.startswith(u + ".") for u in unused) for n in no_grad)
+    targets = lora_target_modules(transformer, "default")
+    assert f"transformer_blocks.{last}.attn.to_add_out" not in targets
+    assert "transformer_blocks.0.attn.to_add_out" in targets and "img_in" not in targets
+    assert {"img_in", "txt_in", "proj_out"} <= set(lora_target_modules(transformer, "expanded"))
+    assert lora_target_modules(transformer, ["*.attn.to_q"]) == [f"transformer_blocks.{i}.attn.to_q" for i in range(last + 1)]
+    with pytest.raises(UserError, match="matches no Linear"):
+        lora_target_modules(transformer, ["nothing_*"])
+    full = build_tiny("qwen-image-edit-2511").transformer
+    info = setup_trainable(full, ModelSection(mode="full"))
+    frozen = {n for n, p in full.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in full.named_parameters() if n.rsplit(".", 1)[0] in no_grad}
+    assert info["trainable_params"] == sum(p.numel() for p in full.parameters()) - sum(
+        p.numel() for n, p in full.named_parameters() if n in frozen)
+
+
+def test_bridge_sampler_one_step_inverts_a_perfect_drift():
+    from types import SimpleNamespace
+
+    from editkit.infer.sampler import bridge_sample
+
+    g = torch.Generator().manual_seed(0)
+    source = torch.randint(-8, 8, (2, 16, 16), generator=g).float() / 4  # dyadic: exact arithmetic
+    target = torch.randint(-8, 8, (2, 16, 16), generator=g).float() / 4
+    model = SimpleNamespace(predict=lambda x, t, *args: source - target)
+    inputs = SimpleNamespace(prompt_embeds=None, prompt_mask=None, img_shapes=None, cond_latents=None)
+    assert torch.equal(bridge_sample(model, inputs, source, steps=1, bridge_noise=0.005, seeds=[0, 1]), target)
+    many = bridge_sample(model, inputs, source, steps=4, bridge_noise=0.0, seeds=[0, 1])
+    assert torch.allclose(many, target, atol=1e-6)

@@ -13,6 +13,7 @@ uninterrupted one step for step.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
 
 
 def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
-    from accelerate.utils import gather_object, set_seed
+    from accelerate.utils import DistributedType, gather_object, set_seed
 
     from editkit.utils.runinfo import write_run_manifest
 
@@ -100,14 +101,19 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
     optimizer = build_optimizer(params, cfg.optim)
     schedule = build_schedule(optimizer, cfg.optim, cfg.loop.max_steps)
     module.train()
+    sharded = _configure_sharding(cfg, accelerator)
     wrapped, optimizer = accelerator.prepare(module, optimizer)
+    params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP2 swaps in sharded parameters
     task.set_module(wrapped)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
     step = 0
     if resume_path is not None:
         state = ckpt.load_checkpoint(resume_path)
         load_trainable_state_dict(accelerator.unwrap_model(wrapped), state["trainable"], str(resume_path))
-        optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"]:
+            optimizer.load_state_dict(state["optimizer"])
+        elif accelerator.is_main_process:
+            print(f"{resume_path}: no optimiser state (sharded run); the optimiser restarts", file=sys.stderr)
         schedule.load_state_dict(state["scheduler"])
         ranks = state["rng"]
         if len(ranks) != accelerator.num_processes:
@@ -131,8 +137,13 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
         eval_mode(optimizer)
         rng = gather_object([ckpt.capture_rng(generator)])
         samplers = gather_object([task.sampler.state_dict()])
-        optim_state = optimizer.state_dict()
-        trainable = trainable_state_dict(accelerator.unwrap_model(wrapped))
+        optim_state = {} if sharded else optimizer.state_dict()
+        if sharded:  # gather full weights from every rank, keep the trainable ones
+            names = {n for n, p in accelerator.unwrap_model(wrapped).named_parameters() if p.requires_grad}
+            full = accelerator.get_state_dict(wrapped)
+            trainable = {k: v for k, v in full.items() if k in names} if accelerator.is_main_process else {}
+        else:
+            trainable = trainable_state_dict(accelerator.unwrap_model(wrapped))
         path = None
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(wrapped)
@@ -162,7 +173,9 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
                 with accelerator.no_sync(wrapped) if not sync else _null():
                     with accelerator.autocast():
                         out_loss = task.loss(batch, generator)
-                    loss = out_loss.loss / cfg.loop.grad_accum
+                    # DeepSpeed divides by its own gradient_accumulation_steps
+                    loss = out_loss.loss if accelerator.distributed_type == DistributedType.DEEPSPEED \
+                        else out_loss.loss / cfg.loop.grad_accum
                     finite = torch.tensor([1.0 if math.isfinite(loss.item()) else 0.0], device=accelerator.device)
                     if accelerator.gather(finite).min().item() == 0:
                         raise NonFiniteLoss(
@@ -206,6 +219,23 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
     return {"steps": step, "resumed_from": str(resume_path) if resume_path else None,
             "seconds": time.time() - t0, "steps_run": step - start, "output_dir": str(out),
             "final": str(final) if final else None}
+
+
+def _configure_sharding(cfg: TrainConfig, accelerator) -> bool:
+    """DeepSpeed needs batch size, accumulation and clipping in its own config; True when sharded.
+
+    Under FSDP / DeepSpeed each rank holds a shard of the optimiser state; checkpoints then keep
+    the gathered weights, schedule, RNG and sampler, and a resumed run restarts the optimiser.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+        ds["gradient_accumulation_steps"] = cfg.loop.grad_accum
+        ds["train_batch_size"] = cfg.data.batch_size * cfg.loop.grad_accum * accelerator.num_processes
+        ds["gradient_clipping"] = cfg.optim.max_grad_norm if clips_gradients(cfg.optim) else 0.0
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def _periodic(cfg: TrainConfig, task, optimizer, accelerator, logger, out: Path, step: int) -> None:
