@@ -101,6 +101,15 @@ def test_second_turn_edits_the_first_result_and_undo_goes_back(controller, tmp_p
     assert empty.result is None and len(empty.history) == 1
 
 
+def test_closing_a_session_frees_its_downloads(controller, tmp_path):
+    session = controller.start([_source(tmp_path)]).session
+    view = controller.edit(session, _settings())
+    assert Path(view.download_path).is_file()
+    controller.close(session)
+    assert not session.folder.exists()
+    controller.close(None)
+
+
 def test_undo_without_a_session_only_warns(controller):
     view = controller.undo(None)
     assert view.warning and view.session is None

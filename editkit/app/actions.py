@@ -8,6 +8,7 @@ per request, and one downloadable PNG per turn carrying its settings.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -201,6 +202,11 @@ class AppController:
         session.edit.undo()
         Path(session.downloads.pop()).unlink(missing_ok=True)
         return self.view(session, f"Undone: back to turn {len(session.edit.history)}.")
+
+    def close(self, session: AppSession | None) -> None:
+        """Free a finished tab's downloads (Gradio calls this when the tab's state expires)."""
+        if session is not None:
+            shutil.rmtree(session.folder, ignore_errors=True)
 
     def view(self, session: AppSession | None, status: str = "") -> View:
         """What the page shows for `session` (None: the empty page)."""

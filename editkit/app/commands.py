@@ -14,7 +14,8 @@ def serve(
     model: Annotated[str, typer.Option("--model", help="Diffusers-format model folder, or 'tiny' / 'tiny:<family>' "
                                                        "(random tiny preset: try the interface without weights).")],
     lora: Annotated[list[str] | None, typer.Option(
-        "--lora", help="LoRA file as PATH or PATH:SCALE; repeat for several. Each gets a scale slider (0 = off).")] = None,
+        "--lora", help="LoRA file as PATH or PATH:SCALE; repeat for several. Each gets a scale slider (0 = off).")]
+    = None,
     host: Annotated[str, typer.Option(help="Address to bind. Anything but 127.0.0.1 exposes the app to your network.")]
     = DEFAULT_HOST,
     port: Annotated[int, typer.Option(help="Port to listen on.")] = DEFAULT_PORT,

@@ -47,7 +47,7 @@ def build_blocks(controller: AppController) -> gr.Blocks:
     defaults = controller.defaults
     limits = controller.limits
     with gr.Blocks(title="editkit", analytics_enabled=False) as blocks:
-        session = gr.State(None, time_to_live=SESSION_TTL_S)
+        session = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=controller.close)
         gr.Markdown(f"## editkit — instruction-based image editing\nModel: `{controller.model_name}`. "
                     "Upload a photo, paint the region to change (optional), describe the edit, press **Edit**. "
                     "Each result becomes the next turn's source.")
@@ -98,8 +98,9 @@ def build_blocks(controller: AppController) -> gr.Blocks:
                     undo = gr.Button("↶ Undo last turn", elem_id="undo")
                     download = gr.DownloadButton("⬇ Download PNG (with settings)", value=None, interactive=False,
                                                  elem_id="download")
-                history = gr.Gallery(label="History (turn 0 = source)", columns=6, height=180, object_fit="contain", fit_columns=False,
-                                     type="pil", format="png", elem_id="history", interactive=False)
+                history = gr.Gallery(label="History (turn 0 = source)", columns=6, fit_columns=False, height=180,
+                                     object_fit="contain", type="pil", format="png", elem_id="history",
+                                     interactive=False)
                 status = gr.Markdown(elem_id="status")
 
         view_outputs = [session, editor, result, history, download, status]

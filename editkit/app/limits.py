@@ -41,7 +41,8 @@ def check_instruction(text: str | None, limits: AppLimits) -> str:
     if not text:
         raise UserError("The instruction is empty: describe the edit (English or Chinese), e.g. 'make the sky red'")
     if len(text) > limits.max_instruction_chars:
-        raise UserError(f"The instruction has {len(text)} characters; shorten it to at most {limits.max_instruction_chars}")
+        raise UserError(f"The instruction has {len(text)} characters; "
+                        f"shorten it to at most {limits.max_instruction_chars}")
     return text
 
 
@@ -53,7 +54,8 @@ def _check_file(path: str | os.PathLike, what: str, limits: AppLimits) -> None:
     name = _display_name(path)
     suffix = Path(path).suffix.lower()
     if suffix not in ACCEPTED_SUFFIXES:
-        raise UserError(f"{name}: {what} must be one of {', '.join(ACCEPTED_SUFFIXES)} (got '{suffix or 'no extension'}')")
+        raise UserError(f"{name}: {what} must be one of {', '.join(ACCEPTED_SUFFIXES)} "
+                        f"(got '{suffix or 'no extension'}')")
     size_mb = Path(path).stat().st_size / 2**20
     if size_mb > limits.max_file_mb:
         raise UserError(f"{name}: {what} is {size_mb:.1f} MB; the limit is {limits.max_file_mb} MB")
@@ -64,7 +66,8 @@ def _check_file(path: str | os.PathLike, what: str, limits: AppLimits) -> None:
         raise UserError(f"{name}: {what} is not a readable image; re-export it as PNG or JPEG") from None
     if max(width, height) > limits.max_image_side:
         raise UserError(
-            f"{name}: {what} is {width}x{height}; the limit is {limits.max_image_side} pixels per side — downscale it first"
+            f"{name}: {what} is {width}x{height}; the limit is {limits.max_image_side} pixels per side "
+            "— downscale it first"
         )
 
 

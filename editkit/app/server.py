@@ -14,6 +14,7 @@ from editkit.app.actions import AppController, AppDefaults, LoraChoice
 from editkit.app.commands import DEFAULT_HOST, DEFAULT_PORT
 from editkit.app.limits import AppLimits
 from editkit.errors import UserError
+
 TINY_STEPS = 4  # the tiny preset is random: more steps only cost time
 MAX_QUEUE = 32  # waiting jobs beyond this get "queue is full" instead of an endless wait
 
