@@ -103,21 +103,21 @@ class EditModel:
         self.latent_channels = vae.config.z_dim
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
         self.drop_idx = len(tokenizer(family.system_prompt)["input_ids"])
+        first = next(transformer.parameters())
+        self.device: torch.device = first.device
+        """Execution device: where inputs, noise and prompts are made (kept when weights are offloaded)."""
+        self.dtype: torch.dtype = first.dtype
+        """Compute dtype of embeddings and latents (kept when weights are stored in another dtype)."""
 
     # ----- placement -------------------------------------------------------------------------
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
     def to(self, device=None, dtype=None) -> EditModel:
+        """Move and cast all three networks; `device` / `dtype` are where and in what inputs are made."""
         for module in (self.transformer, self.vae, self.text_encoder):
             # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast, even a harmless one
             torch.nn.Module.to(module, device=device, dtype=dtype)
+        self.device = torch.device(device) if device is not None else self.device
+        self.dtype = dtype or self.dtype
         return self
 
     # ----- sizes -----------------------------------------------------------------------------
