@@ -108,6 +108,9 @@ def open_mixture(root: str | os.PathLike, batch_size: int, dataset_weights: str 
 
 
 def _stable_hash(value: Any) -> int:
+    """Seed material that is the same in every process (Python's hash() is salted per process)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
     return zlib.crc32(repr(value).encode("utf-8"))
 
 
@@ -120,6 +123,8 @@ class MixingSampler:
                  bucket_of: Callable[[EditRecord], Hashable] | None = None):
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}")
+        if seed < 0:
+            raise UserError(f"sampler seed must be a non-negative integer, got {seed}")
         self.batch_size, self.seed = batch_size, seed
         self.rank = dist.rank() if rank is None else rank
         self.world_size = dist.world_size() if world_size is None else world_size
@@ -174,6 +179,13 @@ class MixingSampler:
             names = sorted(mass[k])
             weights = np.array([mass[k][n] for n in names])
             self.dataset_probs[k] = (names, weights / weights.sum())
+        by_pair: dict[tuple[str, int], list[Group]] = {}
+        for group in self.groups:
+            by_pair.setdefault(group[:2], []).append(group)
+        self.bucket_probs: dict[tuple[str, int], tuple[list[Group], np.ndarray]] = {}
+        for pair, groups in by_pair.items():
+            sizes = np.array([len(self.groups[g]) for g in groups], dtype=float)
+            self.bucket_probs[pair] = (groups, sizes / sizes.sum())
 
     # -- drawing ---------------------------------------------------------------------------
     def _rng(self, *key: Any) -> np.random.Generator:
@@ -190,9 +202,8 @@ class MixingSampler:
         rng = self._rng("rank", step, self.rank)
         names, probs = self.dataset_probs[k]
         name = names[int(rng.choice(len(names), p=probs))]
-        buckets = [g for g in self.groups if g[0] == name and g[1] == k]
-        sizes = np.array([len(self.groups[g]) for g in buckets], dtype=float)
-        group = buckets[int(rng.choice(len(buckets), p=sizes / sizes.sum()))]
+        groups, probs = self.bucket_probs[(name, k)]
+        group = groups[int(rng.choice(len(groups), p=probs))]
         batch = [self._take(group) for _ in range(self.batch_size)]
         self.step += 1
         return batch
