@@ -268,6 +268,11 @@ def _category(record: EditRecord) -> str:
     return str(meta.get("edit_type") or meta.get("category") or "")
 
 
+def _abs(path) -> str:
+    """Absolute paths in the table, so that `editkit compare` finds the images from any folder."""
+    return os.path.abspath(path) if path else ""
+
+
 def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -294,9 +299,8 @@ def merge(runs: list[Run], records: list[EditRecord], groups: list[str], out_dir
             entry = load_entry(entry_path(cache_dir, run.name, record.id), pred)
             evaluated += 1
             row = {"run": run.name, "id": record.id, "task": record.task or "", "edit_type": _category(record),
-                   "instruction": record.instruction, "pred": str(pred),
-                   "target": str(record.target or ""), "sources": json.dumps([str(s) for s in record.sources]),
-                   "mask": str(record.mask or "")}
+                   "instruction": record.instruction, "pred": _abs(pred), "target": _abs(record.target),
+                   "sources": json.dumps([_abs(s) for s in record.sources]), "mask": _abs(record.mask)}
             for c in metric_columns:
                 row[c] = entry.value(c)
                 values[c].append(row[c])
