@@ -132,3 +132,8 @@ def test_cli_missing_folder_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "model folder not found" in lines[0]
+
+
+def test_family_must_match_the_transformer(tiny_dir):
+    with pytest.raises(UserError, match="zero_cond_t"):
+        load_model(tiny_dir, family="qwen-image-edit-2509", dtype="fp32", device="cpu")

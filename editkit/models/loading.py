@@ -118,7 +118,9 @@ def load_model(
         sizes["vae_image_area"] = int(vae_image_size) ** 2
     if vlm_image_size:
         sizes["vlm_image_area"] = int(vlm_image_size) ** 2
-    model = EditModel(family=get_family(extra["family"]), **parts, **sizes)
+    spec_family = get_family(extra["family"])
+    check_transformer_flags(spec_family, parts["transformer"].config)
+    model = EditModel(family=spec_family, **parts, **sizes)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device=device, dtype=torch_type)
     for module in (model.transformer, model.vae, model.text_encoder):
@@ -128,6 +130,21 @@ def load_model(
     if compile:
         model.transformer.compile_repeated_blocks(fullgraph=True)
     return model
+
+
+FAMILY_FLAGS = ("zero_cond_t", "use_layer3d_rope", "use_additional_t_cond")
+"""Transformer config flags that tell families apart (absent from a family's flags: False)."""
+
+
+def check_transformer_flags(family, transformer_config) -> None:
+    """The transformer must have the family's flags (a 2509 transformer is no 2511 and vice versa)."""
+    for flag in FAMILY_FLAGS:
+        expected, found = bool(family.transformer_flags.get(flag, False)), bool(transformer_config.get(flag, False))
+        if expected != found:
+            raise UserError(
+                f"family {family.name} needs a transformer with {flag}={expected}, but its config.json has "
+                f"{flag}={found}; pass the right --family (or --transformer)"
+            )
 
 
 def set_attention_backend(transformer, name: str) -> None:
