@@ -10,6 +10,7 @@ to float rounding of batched matmuls).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -70,7 +71,8 @@ class Engine:
     """Runs `EditRequest`s on an `EditModel`, with LoRA adapters and mask fusion.
 
     `model_name` is recorded in the outputs' settings; `max_batch` caps the requests per batch
-    (the CFG passes double the transformer batch).
+    (the CFG passes double the transformer batch). Calls from several threads (a web app) run one
+    at a time, so a LoRA change never lands in the middle of an edit.
     """
 
     def __init__(self, model, model_name: str = "", max_batch: int = 4):
@@ -78,6 +80,7 @@ class Engine:
         self.model_name = model_name
         self.max_batch = max_batch
         self.loras: list = []
+        self._lock = threading.RLock()
 
     # ----- LoRA ------------------------------------------------------------------------------
 
@@ -86,14 +89,16 @@ class Engine:
         from editkit.models import lora
 
         specs = [s if isinstance(s, lora.LoraSpec) else lora.LoraSpec.parse(s) for s in specs]
-        lora.apply_loras(self.model.transformer, specs, fuse=fuse)
-        self.loras = specs
+        with self._lock:
+            lora.apply_loras(self.model.transformer, specs, fuse=fuse)
+            self.loras = specs
 
     def unload_loras(self) -> None:
         from editkit.models import lora
 
-        lora.unload_loras(self.model.transformer)
-        self.loras = []
+        with self._lock:
+            lora.unload_loras(self.model.transformer)
+            self.loras = []
 
     # ----- settings --------------------------------------------------------------------------
 
@@ -135,6 +140,10 @@ class Engine:
              max_batch: int | None = None) -> list[Image.Image]:
         """Run every request; returns one image per request, in order."""
         requests = [req.check() for req in requests]
+        with self._lock:
+            return self._edit(requests, progress, max_batch)
+
+    def _edit(self, requests: list[EditRequest], progress: Progress | None, max_batch: int | None):
         batches = self.group(requests, max_batch)
         total = sum(requests[b[0]].steps for b in batches)
         done = 0
