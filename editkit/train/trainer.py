@@ -48,7 +48,8 @@ def make_accelerator(cfg: TrainConfig):
 
     # The unused last-block text modules are frozen (editkit.train.trainable), so DDP needs no
     # find_unused_parameters.
-    return Accelerator(mixed_precision=_mixed_precision(cfg),
+    # cpu=True lets accelerate form a gloo process group from torchrun's variables without a GPU
+    return Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available(),
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
 
 
@@ -135,7 +136,7 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
 
     def save(at_step: int) -> Path | None:
         eval_mode(optimizer)
-        rng = gather_object([ckpt.capture_rng(generator)])
+        rng = [_from_bytes(b) for b in gather_object([_to_bytes(ckpt.capture_rng(generator))])]
         samplers = gather_object([task.sampler.state_dict()])
         optim_state = {} if sharded else optimizer.state_dict()
         if sharded:  # gather full weights from every rank, keep the trainable ones
@@ -194,6 +195,7 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             lr = schedule.get_last_lr()[0]
+            total = accelerator.gather(torch.tensor([total], device=accelerator.device)).mean().item()  # all ranks
             if logger is not None and step % cfg.loop.log_every == 0:
                 row = {"loss": total, "lr": lr, **parts}
                 if grad_norm is not None:
@@ -264,6 +266,21 @@ def _periodic(cfg: TrainConfig, task, optimizer, accelerator, logger, out: Path,
     task.set_module(wrapped)
     accelerator.wait_for_everyone()
     train_mode(optimizer)
+
+
+def _to_bytes(obj) -> bytes:
+    """Tensors travel between ranks as torch.save bytes (pickled tensors do not unpickle under gloo)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes):
+    import io
+
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 class _null:
