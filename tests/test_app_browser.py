@@ -8,7 +8,9 @@ address is blocked and recorded: the page must not need the network.
 import json
 import os
 import socket
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,37 +34,72 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class GatedEngine:
+    """The real engine, except that an edit pauses after its first step until `gate` is set.
+
+    Lets a test look at a running edit (progress bar) and a waiting one (queue position)
+    without depending on how fast the machine is.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def edit(self, requests, progress=None, **kwargs):
+        def paused(done, total):
+            progress(done, total)
+            if done == 1:
+                self.gate.wait(TIMEOUT_MS / 1000)
+
+        return self.engine.edit(requests, progress=paused, **kwargs)
+
+
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app(tmp_path_factory):
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from editkit.app.actions import AppController, AppDefaults
     from editkit.app.server import launch
     from editkit.infer.engine import Engine
     from editkit.models import load_model
 
-    engine = Engine(load_model("tiny", dtype="fp32", device="cpu"), model_name="tiny")
+    engine = GatedEngine(Engine(load_model("tiny", dtype="fp32", device="cpu"), model_name="tiny"))
     controller = AppController(engine, defaults=AppDefaults(steps=2),
                                output_dir=tmp_path_factory.mktemp("app-out"))
     port = _free_port()
     blocks = launch(controller, host="127.0.0.1", port=port, block=False)
-    yield f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", engine=engine)
+    engine.gate.set()
     blocks.close()
 
 
 @pytest.fixture
-def page(app_url):
+def new_page(app):
+    """Opens pages on the app; each records (and blocks) requests that leave 127.0.0.1:port."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1200}, accept_downloads=True)
-        page.set_default_timeout(TIMEOUT_MS)
-        page.outside_requests = []
-        page.route(lambda url: not url.startswith(app_url),
-                   lambda route: (page.outside_requests.append(route.request.url), route.abort()))
-        page.goto(app_url)
-        yield page
+
+        def open_page():
+            page = browser.new_page(viewport={"width": 1400, "height": 1200}, accept_downloads=True)
+            page.set_default_timeout(TIMEOUT_MS)
+            page.outside_requests = []
+            page.route(lambda url: not url.startswith(app.url),
+                       lambda route: (page.outside_requests.append(route.request.url), route.abort()))
+            page.goto(app.url)
+            return page
+
+        yield open_page
         browser.close()
+
+
+@pytest.fixture
+def page(new_page):
+    return new_page()
 
 
 def _history_count(page) -> int:
@@ -142,3 +179,33 @@ def test_limits_show_clear_messages(page, tmp_path):
     page.screenshot(path=str(tmp_path / "empty-instruction.png"), full_page=True)
     assert _history_count(page) == 1
     assert page.outside_requests == []
+
+
+def _upload_and_describe(page, source, instruction):
+    page.locator("#sources input[type=file]").set_input_files(str(source))
+    _wait_history(page, 1)
+    page.locator("#instruction textarea").fill(instruction)
+
+
+def test_one_edit_at_a_time_with_progress_and_queue_position(app, new_page, tmp_path):
+    source = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), (200, 120, 20)).save(source)
+    first, second = new_page(), new_page()
+    _upload_and_describe(first, source, "make it blue")
+    _upload_and_describe(second, source, "make it green")
+
+    app.engine.gate.clear()  # edits pause after their first step
+    try:
+        first.locator("#run").click()
+        first.locator("#result", has_text="Denoising").wait_for()  # the progress bar follows the steps
+        first.locator("#result", has_text="1/2 steps").wait_for()
+        second.locator("#run").click()
+        second.locator("#result", has_text="queue: 1/1").wait_for()  # waiting behind the running edit
+        first.screenshot(path=str(tmp_path / "running-edit.png"), full_page=True)
+        second.screenshot(path=str(tmp_path / "queued-edit.png"), full_page=True)
+        assert _history_count(second) == 1
+    finally:
+        app.engine.gate.set()
+    _wait_history(first, 2)
+    _wait_history(second, 2)
+    assert first.outside_requests == [] and second.outside_requests == []

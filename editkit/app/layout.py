@@ -63,8 +63,9 @@ def build_blocks(controller: AppController) -> gr.Blocks:
                     brush=gr.Brush(colors=["rgba(255, 40, 90, 0.8)"], color_mode="fixed"),
                     elem_id="editor", height=420,
                 )
-                mask_file = gr.File(label="…or upload a mask instead (white = edit region)",
-                                    file_types=list(ACCEPTED_SUFFIXES), elem_id="mask-file")
+                with gr.Accordion("…or upload a mask instead", open=False):
+                    mask_file = gr.File(label="Mask (white = edit region; wins over the painted one)",
+                                        file_types=list(ACCEPTED_SUFFIXES), elem_id="mask-file", height=120)
                 instruction = gr.Textbox(label="Instruction (English or 中文)", lines=2, elem_id="instruction",
                                          placeholder="e.g. make the sky a sunset / 把天空变成晚霞")
                 negative = gr.Textbox(label="Negative prompt (optional)", elem_id="negative")
@@ -157,7 +158,7 @@ def build_blocks(controller: AppController) -> gr.Blocks:
         # and leaves the page as it was; only checked edits wait for the GPU.
         for trigger in (run.click, instruction.submit):
             trigger(check_edit, edit_inputs, None, concurrency_limit=None, show_progress="hidden").success(
-                on_edit, edit_inputs, view_outputs, concurrency_id="gpu", concurrency_limit=1)
+                on_edit, edit_inputs, view_outputs, concurrency_id="gpu", concurrency_limit=1, show_progress_on=result)
         for trigger in (sources.upload, sources.clear):
             trigger(check_sources, sources, None, concurrency_limit=None, show_progress="hidden").success(
                 on_sources, sources, view_outputs, concurrency_limit=None)
