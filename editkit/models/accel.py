@@ -1,0 +1,294 @@
+"""Speed switches for the QwenImage transformer of an EditModel (or a bare diffusers transformer).
+
+Lossless (same function within bf16 rounding):
+- ``attention``: a diffusers attention backend. ``"auto"`` picks cuDNN attention
+  (``_native_cudnn``) on Hopper-or-newer CUDA GPUs, where it runs the joint attention well ahead
+  of PyTorch's default flash-2 kernel; elsewhere it keeps the diffusers default.
+- ``compile``: regional ``torch.compile`` of the 60 repeated blocks (one compiled graph shared by
+  all of them), which fuses the norms, modulation, RoPE and gating around the matmuls.
+- ``fused``: the same block math written so that the compiler can fuse it: RoPE in real
+  arithmetic (diffusers multiplies complex numbers, which the compiler leaves as separate
+  kernels) and the MLP's tanh-GELU inside the matmul's epilogue (cuBLASLt) instead of a pass
+  over the 4x-wide hidden states.
+- ``selective_checkpointing`` (training): activation checkpointing that keeps each block's
+  attention output, so the backward pass recomputes the cheap ops and never re-runs attention.
+
+Lossy (report their error against bf16 before using them):
+- ``fp8``: ``"matmul"`` quantizes activations and weights to float8 per row and runs float8
+  matmuls (torchao, Hopper); ``"weights"`` stores weights in float8 and computes in bf16
+  (half the weight memory, used by the low-memory mode).
+- ``cache_threshold``: diffusers' first-block cache, which reuses the last step's residual of
+  blocks 2..N while the first block's output changes by less than the threshold.
+
+Memory:
+- ``offload="group"`` keeps the transformer's blocks and the text encoder in CPU memory and
+  streams them to the GPU a layer ahead of use (diffusers group offload): lossless, for GPUs
+  with 24 GiB.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from editkit.errors import UserError
+
+FP8_MODES = ("matmul", "weights")
+OFFLOAD_MODES = ("group",)
+
+
+@dataclass(frozen=True)
+class Accel:
+    """Which speed switches to apply; the defaults are the lossless fast path."""
+
+    attention: str | None = "auto"
+    compile: bool = True
+    fused: bool = True
+    fp8: str | None = None
+    cache_threshold: float | None = None
+    offload: str | None = None
+
+    @property
+    def lossless(self) -> bool:
+        return self.fp8 is None and self.cache_threshold is None
+
+
+NONE = Accel(attention=None, compile=False, fused=False)
+"""Plain diffusers behaviour: the reference the fast paths are checked against."""
+
+
+def transformer_of(model) -> torch.nn.Module:
+    """The diffusers transformer of an EditModel, pipeline or the transformer itself."""
+    return getattr(model, "transformer", model)
+
+
+def pick_attention_backend(device: torch.device | str | None = None) -> str | None:
+    """cuDNN attention on CUDA GPUs of compute capability 9.0 or newer, else None (diffusers' default)."""
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    major, _ = torch.cuda.get_device_capability(device)
+    return "_native_cudnn" if major >= 9 else None
+
+
+def set_attention(model, backend: str | None) -> str | None:
+    """Route every attention call of the transformer through `backend` ("auto", a diffusers name, None)."""
+    transformer = transformer_of(model)
+    if backend == "auto":
+        backend = pick_attention_backend(next(transformer.parameters()).device)
+    if backend is None:
+        transformer.reset_attention_backend()
+    else:
+        transformer.set_attention_backend(backend)
+    return backend
+
+
+def compile_blocks(model, *, fullgraph: bool = True, dynamic: bool | None = None, mode: str | None = None) -> None:
+    """Regional compile: each transformer block is compiled; all blocks share one graph."""
+    # Text length changes between prompts; each length is one more entry of the shared block graph.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    transformer_of(model).compile_repeated_blocks(fullgraph=fullgraph, dynamic=dynamic, mode=mode)
+
+
+def _rope_real(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """diffusers' complex RoPE (`apply_rotary_emb_qwen(use_real=False)`) in real float32 arithmetic.
+
+    `x` is (B, S, H, D); `freqs` is (S, D/2, 2) = view_as_real of the complex frequencies.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    xr, xi = xf.unbind(-1)
+    cos, sin = freqs[None, :, None, :, 0], freqs[None, :, None, :, 1]
+    return torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class FusedDoubleStreamProcessor:
+    """diffusers' `QwenDoubleStreamAttnProcessor2_0` with real-arithmetic RoPE (same function).
+
+    Expects the rotary frequencies as real (S, D/2, 2) tensors: `fuse_block_ops` makes the
+    transformer's `pos_embed` return them so.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        if encoder_hidden_states_mask is not None:
+            image_mask = hidden_states.new_ones(hidden_states.shape[:2], dtype=torch.bool)
+            attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
+        head_dim = attn.inner_dim // attn.heads
+        seq_txt = encoder_hidden_states.shape[1]
+
+        def project(x, q, k, v, norm_q, norm_k, freqs):
+            query, key, value = (proj(x).unflatten(-1, (-1, head_dim)) for proj in (q, k, v))
+            if norm_q is not None:
+                query = norm_q(query)
+            if norm_k is not None:
+                key = norm_k(key)
+            if freqs is not None:
+                query, key = _rope_real(query, freqs), _rope_real(key, freqs)
+            return query, key, value
+
+        img_freqs, txt_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        img = project(hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k, img_freqs)
+        txt = project(encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
+                      attn.norm_added_q, attn.norm_added_k, txt_freqs)
+        query, key, value = (torch.cat([t, i], dim=1) for t, i in zip(txt, img))
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                    backend=self._attention_backend, parallel_config=self._parallel_config)
+        out = out.flatten(2, 3).to(query.dtype)
+        img_out = attn.to_out[0](out[:, seq_txt:].contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)
+        return img_out, attn.to_add_out(out[:, :seq_txt].contiguous())
+
+
+def _gelu_tanh_epilogue(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`GELU(approximate="tanh").forward` as one cuBLASLt matmul with a GELU epilogue.
+
+    The fused op has no backward: with autograd recording, the plain matmul + GELU runs.
+    """
+    proj = self.proj
+    if torch.is_grad_enabled():
+        return F.gelu(proj(hidden_states), approximate="tanh")
+    flat = hidden_states.flatten(0, -2)
+    out = torch._addmm_activation(proj.bias, flat, proj.weight.t(), use_gelu=True)
+    return out.unflatten(0, hidden_states.shape[:-1])
+
+
+def _real_rope_hook(module, args, output):
+    return tuple(torch.view_as_real(f) if f.is_complex() else f for f in output)
+
+
+def fuse_block_ops(model) -> None:
+    """Swap in the fusable block math (real RoPE; GELU in the matmul epilogue on CUDA). Lossless."""
+    import types
+
+    from diffusers.models.activations import GELU
+
+    transformer = transformer_of(model)
+    if getattr(transformer, "_editkit_fused", False):
+        return
+    transformer.pos_embed.register_forward_hook(_real_rope_hook)
+    backend = None
+    for block in transformer.transformer_blocks:
+        backend = block.attn.processor._attention_backend
+        processor = FusedDoubleStreamProcessor()
+        processor._attention_backend = backend
+        block.attn.set_processor(processor)
+    for module in transformer.modules():
+        cuda = module.__class__ is GELU and module.proj.weight.is_cuda
+        if cuda and module.approximate == "tanh" and type(module.proj) is torch.nn.Linear and module.proj.bias is not None:
+            module.forward = types.MethodType(_gelu_tanh_epilogue, module)
+    transformer._editkit_fused = True
+
+
+def _block_linears(transformer):
+    """Filter for torchao: the linear layers inside the repeated blocks."""
+    def keep(module, fqn):
+        return isinstance(module, torch.nn.Linear) and fqn.startswith("transformer_blocks.")
+    return keep
+
+
+def apply_fp8(model, mode: str) -> None:
+    """Float8 weights of the block linears (torchao): "matmul" (fp8 compute) or "weights" (storage only)."""
+    if mode not in FP8_MODES:
+        raise UserError(f"unknown fp8 mode {mode!r}; use one of {', '.join(FP8_MODES)}")
+    try:
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Float8WeightOnlyConfig,
+            PerRow,
+            quantize_,
+        )
+    except ImportError:
+        raise UserError("fp8 needs torchao: pip install 'torchao>=0.17'") from None
+    transformer = transformer_of(model)
+    if mode == "matmul":
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    else:
+        config = Float8WeightOnlyConfig()
+    quantize_(transformer, config, filter_fn=_block_linears(transformer))
+
+
+def enable_first_block_cache(model, threshold: float) -> None:
+    """diffusers' first-block cache (lossy): skip blocks 2..N while block 1 barely changes."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    transformer_of(model).enable_cache(FirstBlockCacheConfig(threshold=threshold))
+
+
+def enable_group_offload(model, device: torch.device | str = "cuda") -> None:
+    """Low-memory mode (lossless): the transformer's blocks and the text encoder live in pinned CPU
+    memory and stream to `device` one layer ahead of use (diffusers group offload, leaf level, on a
+    side stream). The transformer's small non-block layers stay on `device`, so `EditModel.device`
+    still names the GPU. Batched CFG streams the weights once per step for both branches."""
+    from diffusers.hooks import apply_group_offloading
+
+    device = torch.device(device)
+    transformer = transformer_of(model)
+    transformer.to(device)
+    modules = [transformer.transformer_blocks]
+    text_encoder = getattr(model, "text_encoder", None)
+    if text_encoder is not None:
+        modules.append(text_encoder)
+    for module in modules:
+        apply_group_offloading(module, onload_device=device, offload_device=torch.device("cpu"),
+                               offload_type="leaf_level", use_stream=device.type == "cuda")
+
+
+_ATTENTION_OPS = (
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+)
+
+
+def _save_attention_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    name = getattr(op, "__name__", str(op)).split(".")[0]
+    if name in _ATTENTION_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_checkpoint(module, *args):
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    return checkpoint(
+        module.__call__,
+        *args,
+        use_reentrant=False,
+        context_fn=functools.partial(create_selective_checkpoint_contexts, _save_attention_policy),
+    )
+
+
+def enable_checkpointing(model, selective: bool = True) -> None:
+    """Activation checkpointing per block; `selective` keeps attention outputs (no attention recompute)."""
+    transformer = transformer_of(model)
+    transformer.enable_gradient_checkpointing(_selective_checkpoint if selective else None)
+
+
+def accelerate(model, accel: Accel = Accel()):
+    """Apply `accel` to the model's transformer in the order that works: fp8, fused ops, attention,
+    cache, offload, compile."""
+    if accel.fp8:
+        apply_fp8(model, accel.fp8)
+    if accel.fused:
+        fuse_block_ops(model)
+    set_attention(model, accel.attention)
+    if accel.cache_threshold:
+        enable_first_block_cache(model, accel.cache_threshold)
+    if accel.offload:
+        if accel.offload not in OFFLOAD_MODES:
+            raise UserError(f"unknown offload mode {accel.offload!r}; use one of {', '.join(OFFLOAD_MODES)}")
+        enable_group_offload(model, next(transformer_of(model).parameters()).device)
+    if accel.compile:
+        compile_blocks(model)
+    return model
