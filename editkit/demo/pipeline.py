@@ -1,0 +1,310 @@
+"""The demo as a script over the product: every stage is an editkit library call.
+
+Stages (each skips when its output is complete, so a re-run resumes):
+1. data    `editkit data synth`            -> OUT/data/{train,val,test}.jsonl
+2. vae     `editkit train OUT/configs/vae.yaml` (stage: vae) -> OUT/vae/final/vae
+3. model   a tiny 2511 model folder around the trained VAE     -> OUT/model
+4. cache   `editkit cache`                  -> OUT/cache
+5. editor  `editkit train OUT/configs/editor.yaml` (full, from scratch) -> OUT/editor/final/transformer
+6. infer   `editkit infer` on the test split, a CFG sweep       -> OUT/infer/cfg-<value>/
+           plus the copy-the-source baseline                    -> OUT/infer/copy-source/
+7. eval    `editkit eval` + `editkit compare` with the baseline -> OUT/eval, OUT/report/report.html
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from editkit.demo.presets import DemoPreset
+from editkit.errors import UserError
+from editkit.utils.atomic import atomic_dir, write_json, write_text
+from editkit.utils.progress import console
+
+BASELINE = "copy-source"
+
+
+@dataclass
+class Stage:
+    name: str
+    command: str  # the equivalent editkit command, shown to the user
+    done: Callable[[], bool]
+    run: Callable[[], None]
+
+
+class Demo:
+    """Paths and stages of one demo folder."""
+
+    def __init__(self, out: str | Path, preset: DemoPreset, seed: int = 0):
+        self.out = Path(out)
+        self.preset = preset
+        self.seed = seed
+        self.data = self.out / "data"
+        self.configs = self.out / "configs"
+        self.vae_run = self.out / "vae"
+        self.model = self.out / "model"
+        self.cache = self.out / "cache"
+        self.editor_run = self.out / "editor"
+        self.infer = self.out / "infer"
+        self.eval = self.out / "eval"
+        self.report_dir = self.out / "report"
+
+    # ----- paths of the products ---------------------------------------------------------------
+
+    @property
+    def vae_dir(self) -> Path:
+        return self.vae_run / "final" / "vae"
+
+    @property
+    def transformer_dir(self) -> Path:
+        return self.editor_run / "final" / "transformer"
+
+    @property
+    def report(self) -> Path:
+        return self.report_dir / "report.html"
+
+    def manifest(self, split: str) -> Path:
+        return self.data / f"{split}.jsonl"
+
+    def prediction_dirs(self) -> list[Path]:
+        from editkit.infer.dataset_run import cfg_folder
+
+        return [cfg_folder(self.infer, c) for c in self.preset.cfgs] + [self.infer / BASELINE]
+
+    # ----- the stages --------------------------------------------------------------------------
+
+    def stages(self) -> list[Stage]:
+        p = self.preset
+        return [
+            Stage("data", f"editkit data synth --out {self.data} --n {p.samples} --size {p.image_size} "
+                          f"--seed {self.seed}",
+                  lambda: (self.data / "synth.json").is_file(), self.make_data),
+            Stage("vae", f"editkit train {self.configs / 'vae.yaml'} --resume latest",
+                  lambda: (self.vae_dir / "config.json").is_file(), self.train_vae),
+            Stage("model", f"(tiny 2511 model folder with the trained VAE) -> {self.model}",
+                  lambda: (self.model / "model_index.json").is_file(), self.make_model),
+            Stage("cache", f"editkit cache --model {self.model} --data {self.manifest('train')} --out {self.cache} "
+                           f"--area {p.image_size ** 2} --multiple {self.multiple} --dtype fp32",
+                  self.cache_done, self.make_cache),
+            Stage("editor", f"editkit train {self.configs / 'editor.yaml'} --resume latest",
+                  lambda: (self.transformer_dir / "config.json").is_file(), self.train_editor),
+            Stage("infer", f"editkit infer --model {self.model} --transformer {self.transformer_dir} "
+                           f"--data {self.manifest('test')} --out {self.infer} --cfg {self.cfg_text} "
+                           f"--sampler {self.sampler} --steps {p.sample_steps} --dtype fp32",
+                  self.infer_done, self.run_infer),
+            Stage("eval", f"editkit eval --pred '{self.infer}/*' --data {self.manifest('test')} --out {self.eval} "
+                          f"--metrics pixel && editkit compare {self.eval} --baseline {BASELINE} "
+                          f"--out {self.report_dir}",
+                  lambda: self.report.is_file() and (self.out / "headline.json").is_file(), self.run_eval),
+        ]
+
+    @property
+    def multiple(self) -> int:
+        """Image sides are multiples of this: the VAE's downsampling x the 2x2 packing."""
+        return 2 ** (len(self.preset.vae["dim_mult"]) - 1) * 2
+
+    @property
+    def sampler(self) -> str:
+        return "bridge" if self.preset.objective == "lbm" else "flow"
+
+    @property
+    def cfg_text(self) -> str:
+        return ",".join(str(c) for c in self.preset.cfgs)
+
+    def make_data(self) -> None:
+        from editkit.data.synth import synthesize
+
+        synthesize(self.data, n=self.preset.samples, size=self.preset.image_size, seed=self.seed)
+
+    def _write_config(self, name: str, config: dict):
+        import yaml
+
+        from editkit.train.config import load_config
+
+        path = self.configs / name
+        write_text(path, yaml.safe_dump(config, sort_keys=False))
+        return load_config(path)
+
+    def vae_config(self) -> dict:
+        p = self.preset
+        return {
+            "stage": "vae", "output_dir": str(self.vae_run), "seed": self.seed,
+            "data": {"train": [{"manifest": str(self.manifest("train"))}], "batch_size": p.vae_batch},
+            "vae": {**p.vae, "size": p.image_size, "temperal_downsample": [False] * (len(p.vae["dim_mult"]) - 1)},
+            "optim": {"name": "adamw", "lr": p.vae_lr, "schedule": "cosine", "warmup_steps": 20},
+            "loop": {"max_steps": p.vae_steps, "mixed_precision": "no", "checkpoint_every": p.checkpoint_every,
+                     "keep_last": 1, "preview_every": p.vae_steps, "val_samples": 8, "tensorboard": False},
+        }
+
+    def train_vae(self) -> None:
+        from editkit.train.trainer import train
+
+        train(self._write_config("vae.yaml", self.vae_config()), resume="latest")
+
+    def make_model(self) -> None:
+        """The tiny 2511 preset with the trained VAE, a demo-sized editor and views at the demo size."""
+        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+        from editkit.models.families import get_family
+        from editkit.models.loading import save_tiny
+
+        import torch
+
+        family = get_family("qwen-image-edit-2511")
+        vae = AutoencoderKLQwenImage.from_pretrained(self.vae_dir)
+        text_dim = None
+        with atomic_dir(self.model) as tmp:
+            save_tiny(tmp / "base", family=family.name, seed=self.seed)
+            for part in ("text_encoder", "tokenizer", "processor", "scheduler"):
+                shutil.move(str(tmp / "base" / part), str(tmp / part))
+            index = json.loads((tmp / "base" / "model_index.json").read_text())
+            text_dim = json.loads((tmp / "text_encoder" / "config.json").read_text())["text_config"]["hidden_size"]
+            shutil.rmtree(tmp / "base")
+            vae.save_pretrained(tmp / "vae")
+            z = vae.config.z_dim
+            head = 32
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                transformer = QwenImageTransformer2DModel(
+                    patch_size=2, in_channels=4 * z, out_channels=z, num_layers=self.preset.depth,
+                    attention_head_dim=head, num_attention_heads=self.preset.width // head,
+                    joint_attention_dim=text_dim, axes_dims_rope=(head // 4, 3 * head // 8, 3 * head // 8),
+                    **family.transformer_flags)
+            transformer.save_pretrained(tmp / "transformer")
+            area = self.preset.image_size ** 2
+            index.update({"_editkit_vlm_image_area": area, "_editkit_vae_image_area": area,
+                          "_editkit_output_area": area})
+            write_json(tmp / "model_index.json", index)
+
+    def cache_done(self) -> bool:
+        from editkit.data import read_manifest
+
+        indexes = list(self.cache.glob("index-r*.json"))
+        done = {rid for f in indexes for rid in json.loads(f.read_text())["records"]}
+        return {r.id for r in read_manifest(self.manifest("train"))} <= done
+
+    def make_cache(self) -> None:
+        from editkit.train.cache import build_cache
+
+        build_cache(str(self.model), self.manifest("train"), self.cache, area=self.preset.image_size ** 2,
+                    multiple=self.multiple, dtype="fp32", device="cpu")
+
+    def editor_config(self) -> dict:
+        p = self.preset
+        timesteps = ({"sampling": "discrete", "values": [0.25, 0.5, 0.75, 1.0]} if p.objective == "lbm"
+                     else {"sampling": "logit_normal"})
+        return {
+            "stage": "edit", "model": str(self.model), "output_dir": str(self.editor_run), "seed": self.seed,
+            "data": {"cache": [str(self.cache)], "val": str(self.manifest("val")), "area": p.image_size ** 2,
+                     "multiple": self.multiple, "batch_size": p.edit_batch},
+            "train": {"mode": "full"},
+            "objective": {"kind": p.objective, "timesteps": timesteps, "text_dropout": p.text_dropout},
+            "optim": {"name": "adamw", "lr": p.edit_lr, "schedule": "cosine", "warmup_steps": 50},
+            "loop": {"max_steps": p.edit_steps, "mixed_precision": "no", "checkpoint_every": p.checkpoint_every,
+                     "keep_last": 1, "validate_every": p.checkpoint_every, "preview_every": p.edit_steps,
+                     "preview_steps": p.sample_steps, "val_samples": 8, "tensorboard": False,
+                     "export_lora": False},
+        }
+
+    def train_editor(self) -> None:
+        from editkit.train.trainer import train
+
+        train(self._write_config("editor.yaml", self.editor_config()), resume="latest")
+
+    def infer_done(self) -> bool:
+        from editkit.data import read_manifest
+
+        ids = [r.id for r in read_manifest(self.manifest("test"))]
+        return all((d / f"{i}.png").is_file() for d in self.prediction_dirs() for i in ids)
+
+    def run_infer(self) -> None:
+        from editkit.data import read_manifest
+        from editkit.infer.dataset_run import DatasetRunConfig, run_dataset
+        from editkit.infer.engine import Engine
+        from editkit.models import load_model
+
+        records = read_manifest(self.manifest("test"))
+        model = load_model(str(self.model), transformer=self.transformer_dir, dtype="fp32", device="cpu")
+        config = DatasetRunConfig(cfgs=self.preset.cfgs, steps=self.preset.sample_steps, seed=self.seed,
+                                  sampler=self.sampler, batch_size=32)
+        run_dataset(Engine(model, model_name=str(self.model)), records, self.infer, config)
+        copy_sources(records, self.infer / BASELINE)
+
+    def run_eval(self) -> None:
+        from editkit.data import read_manifest
+        from editkit.eval.compare import compare_runs
+        from editkit.eval.runner import evaluate
+
+        records = read_manifest(self.manifest("test"))
+        evaluate(self.prediction_dirs(), records, self.eval, ["pixel"], manifest=self.manifest("test"))
+        compare_runs([self.eval], self.report_dir, baseline=BASELINE, n_boot=500, seed=self.seed,
+                     title=f"editkit demo ({self.preset.name})")
+        write_json(self.out / "headline.json", headline(self.eval / "summary.json", self.preset.cfgs))
+
+
+def copy_sources(records, folder: Path) -> None:
+    """The copy-the-source baseline: each record's first source image as its prediction."""
+    from PIL import Image
+
+    from editkit.infer.dataset_run import output_path
+    from editkit.utils.atomic import atomic_path
+
+    for record in records:
+        dest = output_path(folder, record.id)
+        if not dest.is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(dest, suffix=".png") as tmp:
+                Image.open(record.sources[0]).convert("RGB").save(tmp, format="PNG")
+
+
+def headline(summary_path: Path, cfgs) -> dict:
+    """Edit-region MSE of the best CFG vs the copy-the-source baseline, and its background PSNR."""
+    from editkit.infer.dataset_run import cfg_folder
+
+    runs = json.loads(summary_path.read_text())["runs"]
+    base = runs[BASELINE]["means"]
+    edits = {c: runs[cfg_folder("", c).name]["means"] for c in cfgs}
+    best = min(edits, key=lambda c: edits[c]["mse_in"])
+    m = edits[best]
+    return {"best_cfg": best, "edit_mse": m["mse_in"], "baseline_edit_mse": base["mse_in"],
+            "edit_mse_ratio": m["mse_in"] / base["mse_in"], "background_psnr": m["psnr_out"],
+            "per_cfg": {str(c): {"edit_mse": e["mse_in"], "background_psnr": e["psnr_out"]} for c, e in edits.items()}}
+
+
+def check_out(out: Path, preset: DemoPreset) -> None:
+    """One demo folder holds one preset: refuse to mix a quick run into a full one (or back)."""
+    marker = out / "demo.json"
+    if marker.is_file():
+        made = json.loads(marker.read_text()).get("preset", {}).get("name")
+        if made != preset.name:
+            raise UserError(f"{marker}: this folder holds a {made!r} demo; use another --out for {preset.name!r}")
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not a demo folder; choose a new --out folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"preset": preset.as_dict()})
+
+
+def run_demo(out: str | Path, preset: DemoPreset, seed: int = 0, log: Callable[[str], None] = console.print) -> dict:
+    """Run (or resume) every stage; returns the headline numbers, the report path and stage times."""
+    demo = Demo(out, preset, seed)
+    check_out(demo.out, preset)
+    stages = demo.stages()
+    times: dict[str, float] = {}
+    start = time.time()
+    for i, stage in enumerate(stages, 1):
+        if stage.done():
+            log(f"[bold][{i}/{len(stages)}] {stage.name}[/]: done before, skipped")
+            continue
+        log(f"[bold][{i}/{len(stages)}] {stage.name}[/]: {stage.command}")
+        t0 = time.time()
+        stage.run()
+        times[stage.name] = round(time.time() - t0, 1)
+        log(f"    {stage.name} took {times[stage.name]:.1f} s")
+    result = json.loads((demo.out / "headline.json").read_text())
+    result.update(report=str(demo.report), seconds=round(time.time() - start, 1), stage_seconds=times)
+    write_json(demo.out / "timings.json", {"seconds": result["seconds"], "stage_seconds": times})
+    return result

@@ -1,0 +1,46 @@
+"""Sizes of the demo: the full run (about 10 minutes on 2 CPU cores) and `--quick` (toy size).
+
+The full sizes come from the experiments recorded in docs/demo.md: 32x32 images, a 4x VAE
+(8x8 latents, 16 tokens per image after 2x2 packing) and a 4-layer, 128-wide editor trained
+with latent bridge matching are what learns within the time budget on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    name: str
+    samples: int  # synthetic samples, split 80/10/10 into train/val/test
+    image_size: int  # side of the square images (pixels)
+    vae: dict = field(default_factory=dict)  # the `vae` stage's architecture and loss (editkit.train.config.VaeStage)
+    vae_steps: int = 400
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    width: int = 128  # editor transformer: heads x 32
+    depth: int = 4
+    objective: str = "lbm"  # lbm | flow_matching
+    edit_steps: int = 800
+    edit_batch: int = 32
+    edit_lr: float = 1e-3
+    text_dropout: float = 0.1
+    sample_steps: int = 2  # bridge (LBM) or flow steps at inference
+    cfgs: tuple[float, ...] = (1.0, 2.0, 4.0)
+    checkpoint_every: int = 200
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_VAE = {"base_dim": 16, "z_dim": 8, "dim_mult": [1, 2, 2], "num_res_blocks": 1, "loss": "mse", "kl_weight": 1e-6}
+
+FULL = DemoPreset(name="full", samples=2000, image_size=32, vae=_VAE)
+
+QUICK = DemoPreset(
+    name="quick", samples=40, image_size=32,
+    vae={**_VAE, "base_dim": 8},
+    vae_steps=15, vae_batch=8, width=64, depth=2, edit_steps=40, edit_batch=8, edit_lr=2e-3,
+    cfgs=(1.0, 2.0), checkpoint_every=20,
+)
