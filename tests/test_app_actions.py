@@ -101,6 +101,16 @@ def test_second_turn_edits_the_first_result_and_undo_goes_back(controller, tmp_p
     assert empty.result is None and len(empty.history) == 1
 
 
+def test_reference_images_stay_and_the_output_size_is_chosen(controller, tmp_path):
+    first, reference = _source(tmp_path, "a.png"), _source(tmp_path, "b.png", size=(48, 32), seed=1)
+    session = controller.start([first, reference]).session
+    view = controller.edit(session, _settings(width=48, height=32))
+    assert view.result.size == (48, 32)
+    images = session.edit.request("next").images
+    assert images[0] is view.result and images[1].size == (48, 32)  # the reference is still there
+    assert read_settings(view.download_path)["source_sizes"] == [[64, 64], [48, 32]]
+
+
 def test_closing_a_session_frees_its_downloads(controller, tmp_path):
     session = controller.start([_source(tmp_path)]).session
     view = controller.edit(session, _settings())

@@ -176,6 +176,8 @@ def test_limits_show_clear_messages(page, tmp_path):
     page.locator("#instruction textarea").fill("   ")
     page.locator("#run").click()
     page.get_by_text("The instruction is empty").wait_for()
+    page.locator("#random-seed").click()
+    page.wait_for_function("document.querySelector('#seed input').value !== '0'")
     page.screenshot(path=str(tmp_path / "empty-instruction.png"), full_page=True)
     assert _history_count(page) == 1
     assert page.outside_requests == []
