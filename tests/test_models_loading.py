@@ -137,3 +137,12 @@ def test_cli_missing_folder_is_one_line_exit_2(tmp_path):
 def test_family_must_match_the_transformer(tiny_dir):
     with pytest.raises(UserError, match="zero_cond_t"):
         load_model(tiny_dir, family="qwen-image-edit-2509", dtype="fp32", device="cpu")
+
+
+def test_compile_option_compiles_the_repeated_blocks(monkeypatch):
+    from diffusers import QwenImageTransformer2DModel
+
+    calls = []
+    monkeypatch.setattr(QwenImageTransformer2DModel, "compile_repeated_blocks", lambda self, **kw: calls.append(kw))
+    load_model("tiny", dtype="fp32", device="cpu", compile=True)
+    assert calls == [{"fullgraph": True}]
