@@ -283,3 +283,37 @@ def test_vae_stage_trains_and_saves_a_loadable_vae(synth, tmp_path):
     pixels = task.pixels(list(range(16)))[:, :, 0]
     z = model.encode_latents(pixels).transpose(0, 1).reshape(4, -1)
     assert z.mean(1).abs().max() < 0.05 and (z.std(1) - 1).abs().max() < 0.05
+
+
+def _vae_cfg(out, synth, **loop):
+    return validate_config({
+        "stage": "vae", "output_dir": str(out), "seed": 1,
+        "data": {"train": [{"manifest": str(synth["train"])}], "batch_size": 4},
+        "vae": {"size": 32, "stats_batches": 1},
+        "optim": {"name": "prodigy_sf"},
+        "loop": {"max_steps": 4, "checkpoint_every": 2, "tensorboard": False, "mixed_precision": "no", **loop}})
+
+
+def test_prodigy_schedule_free_resume_is_exact(synth, tmp_path):
+    train(_vae_cfg(tmp_path / "whole", synth, tensorboard=True), progress=False)
+    assert list((tmp_path / "whole" / "tensorboard").glob("events.out.tfevents.*"))
+    cut = _vae_cfg(tmp_path / "cut", synth)
+    train(cut, stop_after=3, progress=False)
+    train(cut, resume="latest", progress=False)
+    whole, resumed = _losses(tmp_path / "whole"), _losses(tmp_path / "cut")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-6, abs=1e-7), step
+
+
+def test_out_of_memory_names_the_switches(synth, tmp_path, monkeypatch):
+    from editkit.train.vae_stage import VaeTask
+
+    def oom(self, batch, generator):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(VaeTask, "loss", oom)
+    with pytest.raises(UserError) as err:
+        train(_vae_cfg(tmp_path / "oom", synth), progress=False)
+    msg = str(err.value)
+    assert msg.startswith("out of memory") and "train.gradient_checkpointing=true" in msg and "\n" not in msg

@@ -127,10 +127,17 @@ class EditTask:
         self.sampler = mixing_sampler(self.sources, weights, cfg.data.batch_size, cfg.seed, rank, world)
         self.val = _OnlineSource(cfg.data.val, self.model, buckets) if cfg.data.val else None
         self.info = setup_trainable(self.model.transformer, cfg.train)
+        if cfg.data.cache and not self._needs_encoders():
+            self.model.text_encoder = self.model.vae = None  # the cache replaces them; free the memory
         for p in self.model.transformer.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
         self.module = self.model.transformer
+
+    def _needs_encoders(self) -> bool:
+        """Cached training needs the VLM and VAE only for validation, previews and the LBM pixel loss."""
+        cfg = self.cfg
+        return bool(cfg.data.val) or (cfg.objective.kind == "lbm" and cfg.objective.lbm.pixel_loss_weight > 0)
 
     def set_module(self, module) -> None:
         """The transformer the loss runs through (the accelerate-wrapped one while training)."""
@@ -252,4 +259,12 @@ class EditTask:
             return [folder / "transformer"]
         sd = self.lora_state_dict(transformer)
         meta = {"base_model": self.cfg.model, "family": self.model.family.name, "step": step}
-        return [save_lora(folder / name, sd, layout, meta) for layout, name in LORA_FILES.items()]
+        paths = [save_lora(folder / name, sd, layout, meta) for layout, name in LORA_FILES.items()]
+        extra = {n: p.detach().cpu().contiguous() for n, p in transformer.named_parameters()
+                 if p.requires_grad and ".lora_" not in n}
+        if extra:  # modules unfrozen with train.unfreeze, under their transformer names
+            from safetensors.torch import save_file
+
+            save_file(extra, str(folder / "unfrozen_modules.safetensors"))
+            paths.append(folder / "unfrozen_modules.safetensors")
+        return paths

@@ -1,8 +1,7 @@
 """Where training numbers go: metrics.csv always, TensorBoard by default, WandB (offline) on request.
 
-Only the main process logs. The CSV is append-only with a fixed header (step, then the metric
-names of the first row, plus any new ones appended as columns are rewritten), so a resumed run
-continues the same file; rows past the resume step are dropped first so no step appears twice.
+Only the main process logs. A resumed run keeps the rows up to its resume step and continues the
+same metrics.csv (and purges later TensorBoard events), so no step appears twice.
 """
 
 from __future__ import annotations

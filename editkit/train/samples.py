@@ -86,15 +86,16 @@ def encode_record(model, record: EditRecord, bucket: Size) -> dict[str, torch.Te
     if record.mask is not None:
         m = resize_to_bucket(load_mask(record.mask), bucket, Image.Resampling.NEAREST)
         pixels = torch.frombuffer(bytearray(m.tobytes()), dtype=torch.uint8).view(1, 1, h, w).float() / 255
-        out["mask"] = F.interpolate(pixels, size=tuple(out["target"].shape[-2:]), mode="area")[0]
-    return out
+        out["mask"] = F.interpolate(pixels.to(out["target"].device), size=tuple(out["target"].shape[-2:]),
+                                    mode="area")[0]
+    return {k: v.cpu() for k, v in out.items()}  # batches are assembled on the CPU, as from the cache
 
 
 @torch.no_grad()
 def white_latents(model, bucket: Size) -> torch.Tensor:
     """Normalised latents (C, h, w) of a pure white image of the bucket's size (LBM sub stream)."""
     w, h = bucket
-    return model.encode_images([Image.new("RGB", (w, h), (255, 255, 255))], w, h)[0]
+    return model.encode_images([Image.new("RGB", (w, h), (255, 255, 255))], w, h)[0].cpu()
 
 
 @dataclass
