@@ -113,7 +113,7 @@ def load_model(
         parts, extra = _folder_parts(Path(spec), family, transformer, torch_type)
     if transformer is not None and "transformer" not in extra.get("loaded", ()):
         parts["transformer"] = _load_transformer(_transformer_folder(transformer), torch_type)
-    sizes = {k: v for k, v in extra.get("sizes", {}).items()}
+    sizes = dict(extra.get("sizes", {}))
     if vae_image_size:
         sizes["vae_image_area"] = int(vae_image_size) ** 2
     if vlm_image_size:
