@@ -127,3 +127,15 @@ def test_sizes_follow_the_pipelines(model, size, monkeypatch):
     w, h = plus.calculate_dimensions(1024 * 1024, size[0] / size[1])
     assert model.output_size([Image.new("RGB", (50, 50)), img]) == (w // 16 * 16, h // 16 * 16)
     assert model.output_size([img], 200, 99) == (192, 96)
+
+
+def test_edit_plus_runs_without_source_images(model):
+    inputs = model.prepare(["draw a red square"], [[]], 64, 48)
+    assert inputs.cond_latents is None and inputs.img_shapes == [[(1, 3, 4)]]
+    out = sample(model, inputs, steps=2, true_cfg_scale=1.0, seeds=[0])
+    assert out.shape == (1, 12, 16) and torch.isfinite(out).all()
+
+
+def test_a_batch_needs_matching_source_sizes(model):
+    with pytest.raises(ValueError, match="group requests by shape"):
+        model.prepare(["a", "b"], [[_image(0)], [_image(1, (128, 64))]], 64, 64)
