@@ -125,6 +125,20 @@ def test_undo_without_a_session_only_warns(controller):
     assert view.warning and view.session is None
 
 
+def test_out_of_gpu_memory_is_a_user_error_and_loses_nothing(controller, engine, tmp_path, monkeypatch):
+    session = controller.start([_source(tmp_path)]).session
+    controller.edit(session, _settings())
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(engine, "edit", out_of_memory)
+    with pytest.raises(UserError, match="Out of GPU memory"):
+        controller.edit(session, _settings("again"))
+    view = controller.view(session)
+    assert len(view.history) == 2 and Path(view.download_path).is_file()
+
+
 def test_edit_before_upload_is_refused(controller):
     with pytest.raises(UserError, match="upload one first"):
         controller.edit(None, _settings())

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from editkit.app.limits import AppLimits, check_instruction, load_sources, load_uploaded_mask
@@ -182,11 +183,16 @@ class AppController:
         settings, mask = self.check(session, settings, editor_value, mask_path)
         self._set_lora_scales(settings.lora_scales)
         overrides = {"negative_prompt": settings.negative_prompt} if settings.negative_prompt else {}
-        session.edit.turn(
-            settings.instruction, progress=progress, true_cfg_scale=settings.true_cfg_scale, steps=settings.steps,
-            seed=settings.seed, width=settings.width, height=settings.height, mask=mask, fusion=settings.fusion,
-            **overrides,
-        )
+        try:
+            session.edit.turn(
+                settings.instruction, progress=progress, true_cfg_scale=settings.true_cfg_scale, steps=settings.steps,
+                seed=settings.seed, width=settings.width, height=settings.height, mask=mask, fusion=settings.fusion,
+                **overrides,
+            )
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()  # leave the GPU usable for the next request in the queue
+            raise UserError("Out of GPU memory for this edit: lower the output size, the steps or the number "
+                            "of source images and try again") from None
         turn = session.edit.history[-1]
         path = session.folder / f"editkit-turn{len(session.edit.history)}-seed{settings.seed}.png"
         session.downloads.append(str(save_png(path, turn.image, turn.settings)))
