@@ -89,10 +89,11 @@ def _cfg_batch(inputs: EditInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return embeds, mask
 
 
-def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """True CFG as in the pipelines: `uncond + scale (cond - uncond)`, rescaled to `cond`'s norm per token."""
     combined = uncond + scale * (cond - uncond)
-    return combined * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+    rescaled = combined * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+    return rescaled.to(cond.dtype)
 
 
 def sample(
@@ -124,7 +125,8 @@ def sample(
         embeds, mask = _cfg_batch(inputs)
         cond = None if inputs.cond_latents is None else torch.cat([inputs.cond_latents] * 2)
         shapes = inputs.img_shapes * 2
-        scale = scales.view(-1, 1, 1).to(latents.device, latents.dtype)
+        # one scale for all: a Python float, so low-precision arithmetic matches the pipeline's
+        scale = float(scales[0]) if bool((scales == scales[0]).all()) else scales.view(-1, 1, 1).to(latents.device)
         use = use_cfg.view(-1, 1, 1).to(latents.device)
     else:
         embeds, mask, cond, shapes = inputs.prompt_embeds, inputs.prompt_mask, inputs.cond_latents, inputs.img_shapes
