@@ -8,6 +8,7 @@ per request, and one downloadable PNG per turn carrying its settings.
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 import uuid
@@ -143,7 +144,10 @@ class AppController:
         self.limits = limits or AppLimits()
         self.loras = list(loras or [])
         self.defaults = defaults or AppDefaults()
-        self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="editkit-app-"))
+        if output_dir is None:
+            output_dir = tempfile.mkdtemp(prefix="editkit-app-")
+            atexit.register(shutil.rmtree, output_dir, True)  # downloads are per run, not kept
+        self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._lora_scales: list[float] | None = None
         self._set_lora_scales([c.scale for c in self.loras])

@@ -23,11 +23,6 @@ from editkit.infer.fusion import FUSION_MODES
 
 SESSION_TTL_S = 2 * 3600  # an idle browser tab's turns are freed after this long
 
-CSS = """
-#history .thumbnail-item { min-width: 96px; }
-footer { display: none !important; }
-"""
-
 
 def _user_errors_as_popups(fn: Callable) -> Callable:
     """Show a `UserError` as a Gradio error pop-up (the message is already written for users)."""

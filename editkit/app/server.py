@@ -59,7 +59,7 @@ def build_controller(model: str, loras: Sequence[str] = (), limits: AppLimits | 
 def launch(controller: AppController, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, block: bool = True):
     """Serve the page; returns the running `gr.Blocks` (call `.close()` to stop) when `block=False`."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    from editkit.app.layout import CSS, build_blocks
+    from editkit.app.layout import build_blocks
 
     blocks = build_blocks(controller)
     blocks.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
@@ -67,7 +67,7 @@ def launch(controller: AppController, host: str = DEFAULT_HOST, port: int = DEFA
         blocks.launch(
             server_name=host, server_port=port, share=False, inbrowser=False, show_error=True, ssr_mode=False,
             max_file_size=f"{controller.limits.max_file_mb}mb", prevent_thread_lock=not block,
-            quiet=not block, css=CSS, allowed_paths=[str(controller.output_dir)],
+            quiet=not block, allowed_paths=[str(controller.output_dir)],
         )
     except OSError as err:
         raise UserError(f"--host {host} --port {port}: cannot listen there ({err}); choose another --port") from None
