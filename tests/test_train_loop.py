@@ -92,6 +92,7 @@ def lora_run(cache_dir, tmp_path_factory):
     return out, summary
 
 
+@pytest.mark.slow
 def test_lora_run_lowers_loss_and_exports(lora_run):
     out, summary = lora_run
     losses = _losses(out)
@@ -294,6 +295,7 @@ def _vae_cfg(out, synth, **loop):
         "loop": {"max_steps": 4, "checkpoint_every": 2, "tensorboard": False, "mixed_precision": "no", **loop}})
 
 
+@pytest.mark.slow
 def test_prodigy_schedule_free_resume_is_exact(synth, tmp_path):
     train(_vae_cfg(tmp_path / "whole", synth, tensorboard=True), progress=False)
     assert list((tmp_path / "whole" / "tensorboard").glob("events.out.tfevents.*"))
@@ -317,3 +319,19 @@ def test_out_of_memory_names_the_switches(synth, tmp_path, monkeypatch):
         train(_vae_cfg(tmp_path / "oom", synth), progress=False)
     msg = str(err.value)
     assert msg.startswith("out of memory") and "train.gradient_checkpointing=true" in msg and "\n" not in msg
+
+
+def test_cache_ranks_write_their_own_shards(synth, tmp_path, monkeypatch):
+    from editkit.data import read_manifest
+    from editkit.train.cache import CacheReader, build_cache
+
+    out = tmp_path / "c"
+    for rank in (1, 0):  # as two torchrun processes would
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        build_cache("tiny", synth["val"], out, area=4096, multiple=16, dtype="fp32", device="cpu", progress=False)
+    assert sorted(p.name for p in out.glob("index-r*.json")) == ["index-r0.json", "index-r1.json"]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["r0-00000.safetensors", "r1-00000.safetensors"]
+    reader = CacheReader(out)
+    assert reader.ids == sorted(r.id for r in read_manifest(synth["val"]))
+    assert reader.verify()["records"] == 2
