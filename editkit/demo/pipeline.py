@@ -135,7 +135,8 @@ class Demo:
             "stage": "vae", "output_dir": str(self.vae_run), "seed": self.seed,
             "data": {"train": [{"manifest": str(self.manifest("train"))}], "batch_size": p.vae_batch},
             "vae": {**p.vae, "size": p.image_size, "temperal_downsample": [False] * (len(p.vae["dim_mult"]) - 1)},
-            "optim": {"name": "adamw", "lr": p.vae_lr, "schedule": "cosine", "warmup_steps": 20},
+            "optim": {"name": "adamw", "lr": p.vae_lr, "betas": list(p.vae_betas), "schedule": "cosine",
+                      "warmup_steps": 20},
             "loop": {"max_steps": p.vae_steps, "mixed_precision": "no", "checkpoint_every": p.checkpoint_every,
                      "keep_last": 1, "preview_every": p.vae_steps, "val_samples": 8, "tensorboard": False},
         }

@@ -16,9 +16,10 @@ class DemoPreset:
     samples: int  # synthetic samples, split 80/10/10 into train/val/test
     image_size: int  # side of the square images (pixels)
     vae: dict = field(default_factory=dict)  # the `vae` stage's architecture and loss (editkit.train.config.VaeStage)
-    vae_steps: int = 400
+    vae_steps: int = 600
     vae_batch: int = 16
-    vae_lr: float = 2e-3
+    vae_lr: float = 1e-3
+    vae_betas: tuple[float, float] = (0.9, 0.99)  # a short beta2 memory leaves the colour plateau sooner
     width: int = 128  # editor transformer: heads x 32
     depth: int = 4
     objective: str = "lbm"  # lbm | flow_matching
@@ -36,7 +37,7 @@ class DemoPreset:
 
 _VAE = {"base_dim": 16, "z_dim": 8, "dim_mult": [1, 2, 2], "num_res_blocks": 1, "loss": "mse", "kl_weight": 1e-6}
 
-FULL = DemoPreset(name="full", samples=2000, image_size=32, vae=_VAE)
+FULL = DemoPreset(name="full", samples=1000, image_size=32, vae=_VAE)
 
 QUICK = DemoPreset(
     name="quick", samples=40, image_size=32,
