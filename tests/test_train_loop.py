@@ -158,7 +158,7 @@ def test_cached_and_online_training_give_the_same_loss(cache_dir, synth, tmp_pat
 
 
 def test_lbm_run_with_sub_stream_and_pixel_loss(cache_dir, tmp_path):
-    cfg = _cfg(tmp_path / "lbm", cache_dir,
+    cfg = _cfg(tmp_path / "lbm", cache_dir, data={"inverse_probability": 1.0},  # the inverse edit too
                objective={"kind": "lbm", "timesteps": {"sampling": "discrete"},
                           "lbm": {"sub_stream_weight": 0.5, "pixel_loss_weight": 0.1, "pixel_crop": 4}},
                loop={"max_steps": 2})

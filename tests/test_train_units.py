@@ -250,3 +250,18 @@ def test_bridge_sampler_one_step_inverts_a_perfect_drift():
     assert torch.equal(bridge_sample(model, inputs, source, steps=1, bridge_noise=0.005, seeds=[0, 1]), target)
     many = bridge_sample(model, inputs, source, steps=4, bridge_noise=0.0, seeds=[0, 1])
     assert torch.allclose(many, target, atol=1e-6)
+
+
+def test_reverse_sample_swaps_source_and_target():
+    from editkit.train.samples import can_reverse, collate, reverse_sample
+
+    t, b = torch.full((4, 8, 8), 1.0), torch.full((4, 8, 8), 2.0)
+    e = {n: torch.full((3, 6), float(i)) for i, n in enumerate(("en", "empty", "inverse", "inverse_cn"))}
+    sample = {"target": t, "source.0": torch.zeros(4, 4, 4), "bridge_source": b, "mask": torch.ones(1, 8, 8),
+              **{f"embeds.{n}": v for n, v in e.items()}}
+    assert can_reverse(sample) and not can_reverse({**sample, "source.1": t})
+    rev = reverse_sample(sample)
+    assert rev["target"] is b and rev["source.0"] is t and rev["bridge_source"] is t
+    assert rev["embeds.en"] is e["inverse"] and rev["embeds.cn"] is e["inverse_cn"]
+    batch = collate([rev, rev], (64, 64), [(64, 64)], instruction="cn")
+    assert torch.equal(batch.embeds[0], e["inverse_cn"]) and torch.equal(batch.sources[0][0], t)

@@ -40,6 +40,7 @@ class DataConfig(_Strict):
     num_workers: int = Field(0, ge=0)
     instruction: Literal["en", "cn", "mixed"] = "en"  # which embedding variant to train on
     cn_probability: float = Field(0.5, ge=0, le=1)  # with instruction=mixed
+    inverse_probability: float = Field(0.0, ge=0, le=1)  # train this share of batches on the inverse edit
 
 
 class LoraConfig(_Strict):

@@ -14,7 +14,8 @@ from editkit.data.records import EditRecord
 from editkit.errors import UserError
 from editkit.train.config import TrainConfig
 from editkit.train.objectives import LossOutput, flow_matching_loss, lbm_loss
-from editkit.train.samples import TrainBatch, collate, encode_record, sample_key, white_latents
+from editkit.train.samples import (TrainBatch, can_reverse, collate, encode_record, reverse_sample, sample_key,
+                                   white_latents)
 from editkit.train.trainable import setup_trainable
 
 LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "comfyui": "lora_comfyui.safetensors",
@@ -101,9 +102,13 @@ def mixing_sampler(sources: list, weights: list[float], batch_size: int, seed: i
 def load_edit_model(cfg: TrainConfig, device):
     from editkit.models import load_model
 
-    lora_bf16 = cfg.train.mode == "lora" and cfg.loop.mixed_precision == "bf16"
-    return load_model(cfg.model, family=cfg.family, transformer=cfg.transformer,
-                      dtype="bf16" if lora_bf16 else "fp32", device=str(device), seed=cfg.seed)
+    """Frozen parts in bf16 under bf16 mixed precision; a fully fine-tuned transformer in fp32."""
+    model = load_model(cfg.model, family=cfg.family, transformer=cfg.transformer,
+                       dtype="bf16" if cfg.loop.mixed_precision == "bf16" else "fp32", device=str(device),
+                       seed=cfg.seed)
+    if cfg.train.mode == "full":
+        torch.nn.Module.to(model.transformer, dtype=torch.float32)
+    return model
 
 
 class EditTask:
@@ -148,11 +153,14 @@ class EditTask:
 
     def make_batch(self, source, indices: list[int], generator: torch.Generator,
                    dropout: bool = True) -> TrainBatch:
-        key = source.keys[indices[0]]
-        bucket, cond_sizes = key
+        bucket, cond_sizes = source.keys[indices[0]]
         obj, data = self.cfg.objective, self.cfg.data
         needs_white = obj.kind == "lbm" and obj.lbm.sub_stream_weight > 0
-        return collate([source.get(i) for i in indices], bucket, list(cond_sizes), data.instruction,
+        samples = [source.get(i) for i in indices]
+        if dropout and data.inverse_probability > 0 and float(torch.rand(1, generator=generator)) < \
+                data.inverse_probability and all(can_reverse(s) for s in samples):
+            samples, cond_sizes = [reverse_sample(s) for s in samples], [bucket]
+        return collate(samples, bucket, list(cond_sizes), data.instruction,
                        data.cn_probability, obj.text_dropout if dropout else 0.0,
                        obj.image_dropout if dropout else 0.0,
                        source.white(bucket, self.model) if needs_white else None, generator)

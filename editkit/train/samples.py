@@ -98,6 +98,27 @@ def white_latents(model, bucket: Size) -> torch.Tensor:
     return model.encode_images([Image.new("RGB", (w, h), (255, 255, 255))], w, h)[0].cpu()
 
 
+def can_reverse(sample: dict[str, torch.Tensor]) -> bool:
+    return "embeds.inverse" in sample and "bridge_source" in sample and "source.1" not in sample
+
+
+def reverse_sample(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse edit of a one-source sample: the target becomes the condition, the source the target.
+
+    The instruction is the inverse one (embedded with the target image as the picture); the
+    condition latents are the target's at its bucket size (the engine would use the VAE view of the
+    target — the same size when data.area equals the model's VAE area). Text dropout still uses
+    the forward `embeds.empty`.
+    """
+    out = {"target": sample["bridge_source"], "source.0": sample["target"], "bridge_source": sample["target"],
+           "embeds.en": sample["embeds.inverse"], "embeds.empty": sample["embeds.empty"]}
+    if "embeds.inverse_cn" in sample:
+        out["embeds.cn"] = sample["embeds.inverse_cn"]
+    if "mask" in sample:
+        out["mask"] = sample["mask"]
+    return out
+
+
 @dataclass
 class TrainBatch:
     """A stacked batch of same-shape samples, conditioning dropout already applied."""

@@ -254,7 +254,8 @@ def _periodic(cfg: TrainConfig, task, optimizer, accelerator, logger, out: Path,
     task.set_module(module)  # no DDP collectives while only the main process runs the model
     if accelerator.is_main_process:
         if do_val:
-            value = task.validation_loss(cfg.seed)
+            with accelerator.autocast():
+                value = task.validation_loss(cfg.seed)
             if value is not None:
                 logger.log(step, {"val_loss": value})
         if do_preview:
