@@ -166,14 +166,13 @@ class EditModel:
         texts = [self.family.prompt(p, len(imgs)) for p, imgs in zip(prompts, images)]
         views = [self.image_processor.resize(_rgb(img), *reversed(self.vlm_size(img))) for imgs in images for img in imgs]
         inputs = self.processor(text=texts, images=views or None, padding=True, return_tensors="pt").to(self.device)
-        outputs = self.text_encoder(
+        # the base model's last (normed) hidden state: the pipelines' hidden_states[-1] without the LM head
+        hidden = self.text_encoder.model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
             pixel_values=inputs.get("pixel_values"),
             image_grid_thw=inputs.get("image_grid_thw"),
-            output_hidden_states=True,
-        )
-        hidden = outputs.hidden_states[-1]
+        ).last_hidden_state
         valid = inputs["attention_mask"].bool()
         kept = [hidden[i][valid[i]][self.drop_idx :] for i in range(hidden.shape[0])]
         length = max(k.shape[0] for k in kept)
