@@ -83,7 +83,8 @@ def category_of(row: dict) -> str:
 
 
 def compare_runs(dirs: list[Path], out_dir: Path, baseline: str | None = None, n_boot: int = 2000, seed: int = 0,
-                 title: str = "editkit comparison", gallery_size: int = 40) -> dict:
+                 title: str = "editkit comparison", gallery_size: int = 40, extra_sections=(), extra_images=()) -> dict:
+    """Compare evaluated runs; `extra_sections` / `extra_images` go to the report first (see build_report)."""
     from editkit.eval.metrics import higher_is_better
 
     out_dir = Path(out_dir)
@@ -131,7 +132,7 @@ def compare_runs(dirs: list[Path], out_dir: Path, baseline: str | None = None, n
     write_json(out_dir / "compare.json", result)
     plots = make_plots(out_dir / "plots", result)
     write_compare_report(out_dir / "report.html", title, result, rows, by_run, plots, gallery_size,
-                         higher_is_better)
+                         higher_is_better, extra_sections, extra_images)
     return result
 
 
@@ -173,7 +174,7 @@ def _ci_text(entry: dict, prefix: str = "") -> str:
 
 
 def write_compare_report(path: Path, title: str, result: dict, rows: list[dict], by_run: dict, plots: list[Path],
-                         gallery_size: int, higher_is_better) -> Path:
+                         gallery_size: int, higher_is_better, extra_sections=(), extra_images=()) -> Path:
     key = _key_metrics(result["metrics"])
     summary_rows = []
     for run in result["runs"]:
@@ -222,4 +223,5 @@ def write_compare_report(path: Path, title: str, result: dict, rows: list[dict],
              f"the samples both runs have. Worst cases first by {primary}."]
     return build_report(path, title, notes=notes, summary_rows=summary_rows, summary_columns=summary_columns,
                         table_rows=table_rows, table_columns=table_columns, gallery=gallery,
-                        runs=result["runs"], plots=plots)
+                        runs=result["runs"], plots=plots, extra_sections=extra_sections,
+                        extra_images=extra_images)
