@@ -240,11 +240,20 @@ class Demo:
         from editkit.eval.compare import compare_runs
         from editkit.eval.runner import evaluate
 
+        from editkit.demo.report import headline_html, loss_curves
+
         records = read_manifest(self.manifest("test"))
         evaluate(self.prediction_dirs(), records, self.eval, ["pixel"], manifest=self.manifest("test"))
+        numbers = headline(self.eval / "summary.json", self.preset.cfgs)
+        curves = loss_curves({"VAE stage": self.vae_run / "metrics.csv", "editor": self.editor_run / "metrics.csv"},
+                             self.report_dir / "loss_curves.png")
+        previews = sorted((self.editor_run / "previews").glob("*.png"))[-1:]
         compare_runs([self.eval], self.report_dir, baseline=BASELINE, n_boot=500, seed=self.seed,
-                     title=f"editkit demo ({self.preset.name})")
-        write_json(self.out / "headline.json", headline(self.eval / "summary.json", self.preset.cfgs))
+                     title=f"editkit demo ({self.preset.name})",
+                     extra_sections=[("Headline", headline_html(numbers, self.preset.objective))],
+                     extra_images=[("Training loss", curves)]
+                     + [("Editor preview on validation records: source | target | edit", p) for p in previews])
+        write_json(self.out / "headline.json", numbers)
 
 
 def copy_sources(records, folder: Path) -> None:
