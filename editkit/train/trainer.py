@@ -63,7 +63,7 @@ def build_task(cfg: TrainConfig, accelerator):
     return EditTask(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
 
 
-def _prepare_output(cfg: TrainConfig, accelerator, resume: bool) -> Path:
+def _prepare_output(cfg: TrainConfig, accelerator) -> Path:
     from editkit.utils.atomic import write_text
 
     out = Path(cfg.output_dir)
@@ -93,11 +93,14 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
     from editkit.utils.runinfo import write_run_manifest
 
     set_seed(cfg.seed)  # identical model init on every rank
-    out = _prepare_output(cfg, accelerator, resume is not None)
+    out = _prepare_output(cfg, accelerator)
     ckpt_root = out / "checkpoints"
     resume_path = ckpt.resolve_resume(resume, ckpt_root)
     task = build_task(cfg, accelerator)
     module = task.module
+    state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
+    if state is not None:  # weights go in before accelerate wraps (and, under FSDP, shards) the module
+        load_trainable_state_dict(module, state["trainable"], str(resume_path))
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim)
     schedule = build_schedule(optimizer, cfg.optim, cfg.loop.max_steps)
@@ -108,9 +111,7 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
     task.set_module(wrapped)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
     step = 0
-    if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path)
-        load_trainable_state_dict(accelerator.unwrap_model(wrapped), state["trainable"], str(resume_path))
+    if state is not None:
         if state["optimizer"]:
             optimizer.load_state_dict(state["optimizer"])
         elif accelerator.is_main_process:
