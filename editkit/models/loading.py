@@ -189,14 +189,7 @@ def _folder_parts(root: Path, family: str | None, transformer: str | Path | None
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    if not root.is_dir():
-        raise UserError(f"{root}: model folder not found; pass a diffusers-format folder or 'tiny'")
-    needed = [c for c in COMPONENT_FILES if not (c == "transformer" and transformer is not None)]
-    missing = missing_files(root, needed)
-    if missing:
-        raise UserError(f"{root}: incomplete model folder, missing {', '.join(missing)}")
-    transformer_dir = _transformer_folder(transformer) if transformer is not None else root / "transformer"
-    name = resolve_family(root, transformer_dir, family)
+    transformer_dir, name, sizes = inspect_folder(root, family, transformer)
     parts = {
         "transformer": _load_transformer(transformer_dir, torch_type),
         "vae": AutoencoderKLQwenImage.from_pretrained(root / "vae", torch_dtype=torch_type, local_files_only=True),
@@ -207,12 +200,28 @@ def _folder_parts(root: Path, family: str | None, transformer: str | Path | None
         "image_processor": Qwen2VLImageProcessorPil.from_pretrained(root / "processor", local_files_only=True),
         "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler", local_files_only=True),
     }
-    index = _read_json(root / "model_index.json")
-    sizes = {key: int(index[f"_editkit_{key}"]) for key in _SIZE_KEYS if f"_editkit_{key}" in index}
     return parts, {"family": name, "sizes": sizes, "loaded": ("transformer",)}
 
 
 _SIZE_KEYS = ("vlm_image_area", "vae_image_area", "output_area")
+
+
+def inspect_folder(root: Path, family: str | None, transformer: str | Path | None):
+    """Check a model folder without loading weights: (transformer folder, family, editkit view sizes).
+
+    A UserError names the folder and lists every missing file.
+    """
+    if not root.is_dir():
+        raise UserError(f"{root}: model folder not found; pass a diffusers-format folder or 'tiny'")
+    needed = [c for c in COMPONENT_FILES if not (c == "transformer" and transformer is not None)]
+    missing = missing_files(root, needed)
+    if missing:
+        raise UserError(f"{root}: incomplete model folder, missing {', '.join(missing)}")
+    transformer_dir = _transformer_folder(transformer) if transformer is not None else root / "transformer"
+    name = resolve_family(root, transformer_dir, family)
+    index = _read_json(root / "model_index.json")
+    sizes = {key: int(index[f"_editkit_{key}"]) for key in _SIZE_KEYS if f"_editkit_{key}" in index}
+    return transformer_dir, name, sizes
 
 
 def _count_parameters(folder: Path) -> int:
@@ -248,21 +257,11 @@ def describe(spec: str | Path, family: str | None = None, transformer: str | Pat
             },
         }
     root = Path(spec)
-    if not root.is_dir():
-        raise UserError(f"{root}: model folder not found; pass a diffusers-format folder or 'tiny'")
-    needed = [c for c in COMPONENT_FILES if not (c == "transformer" and transformer is not None)]
-    missing = missing_files(root, needed)
-    if missing:
-        raise UserError(f"{root}: incomplete model folder, missing {', '.join(missing)}")
-    transformer_dir = _transformer_folder(transformer) if transformer is not None else root / "transformer"
-    name = resolve_family(root, transformer_dir, family)
-    index = _read_json(root / "model_index.json")
-    spec_family = get_family(name)
+    transformer_dir, name, sizes = inspect_folder(root, family, transformer)
+    defaults = get_family(name)
     return {
         "family": name,
-        "vlm_image_area": int(index.get("_editkit_vlm_image_area", spec_family.vlm_image_area)),
-        "vae_image_area": int(index.get("_editkit_vae_image_area", spec_family.vae_image_area)),
-        "output_area": int(index.get("_editkit_output_area", spec_family.output_area)),
+        **{key: sizes.get(key, getattr(defaults, key)) for key in _SIZE_KEYS},
         "transformer_config": _read_json(transformer_dir / "config.json"),
         "parameters": {
             "transformer": _count_parameters(transformer_dir),
