@@ -28,7 +28,8 @@ def _pipeline(model, monkeypatch):
 
     if model.family.pipeline_class == "QwenImageEditPipeline":
         original = edit_module.calculate_dimensions
-        monkeypatch.setattr(edit_module, "calculate_dimensions", lambda area, ratio: original(model.vae_image_area, ratio))
+        tiny_dimensions = lambda area, ratio: original(model.vae_image_area, ratio)  # noqa: E731
+        monkeypatch.setattr(edit_module, "calculate_dimensions", tiny_dimensions)
         cls = edit_module.QwenImageEditPipeline
     else:
         monkeypatch.setattr(plus_module, "CONDITION_IMAGE_SIZE", model.vlm_image_area)

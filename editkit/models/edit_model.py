@@ -147,6 +147,11 @@ class EditModel:
         """(width, height) at which the VLM sees a source image (before its own patch rounding)."""
         return fit_area(self.vlm_image_area, image.width / image.height)
 
+    def vlm_view(self, image: Image.Image) -> Image.Image:
+        """A source image as the VLM gets it (resized as the pipelines resize it)."""
+        width, height = self.vlm_size(image)
+        return self.image_processor.resize(_rgb(image), height, width)
+
     def img_shapes(self, width: int, height: int, cond_sizes: Sequence[tuple[int, int]]):
         """RoPE frames of one sample: the target first, then each condition image, in packed units."""
         unit = self.size_multiple
@@ -164,7 +169,7 @@ class EditModel:
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
         texts = [self.family.prompt(p, len(imgs)) for p, imgs in zip(prompts, images)]
-        views = [self.image_processor.resize(_rgb(img), *reversed(self.vlm_size(img))) for imgs in images for img in imgs]
+        views = [self.vlm_view(img) for imgs in images for img in imgs]
         inputs = self.processor(text=texts, images=views or None, padding=True, return_tensors="pt").to(self.device)
         # the base model's last (normed) hidden state: the pipelines' hidden_states[-1] without the LM head
         hidden = self.text_encoder.model(

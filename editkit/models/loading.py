@@ -78,7 +78,9 @@ def resolve_family(root: Path, transformer_dir: Path, family: str | None) -> str
         found = detect_family(_read_json(index_file), transformer_config)
         if found:
             return found
-    raise UserError(f"{root}: cannot tell the model family from model_index.json; pass --family (e.g. {DEFAULT_FAMILY})")
+    raise UserError(
+        f"{root}: cannot tell the model family from model_index.json; pass --family (e.g. {DEFAULT_FAMILY})"
+    )
 
 
 def load_model(
