@@ -26,11 +26,13 @@ def train(
     """Train a model (LoRA / full, flow matching / LBM, or the `vae` stage); runs under accelerate launch too."""
     from editkit.train.config import load_config
     from editkit.train.trainer import train as run
+    from editkit.utils.dist import rank
 
     cfg = load_config(config, overrides or [])
     summary = run(cfg, resume=resume)
-    typer.echo(f"trained to step {summary['steps']} in {summary['output_dir']}"
-               + (f"; weights in {summary['final']}" if summary["final"] else ""))
+    if rank() == 0:
+        typer.echo(f"trained to step {summary['steps']} in {summary['output_dir']}"
+                   + (f"; weights in {summary['final']}" if summary["final"] else ""))
 
 
 def cache(

@@ -37,7 +37,6 @@ class DataConfig(_Strict):
     max_ratio: float = 4.0
     condition_area: int | None = None  # VAE area of condition images; None = the family default
     batch_size: int = Field(1, ge=1)
-    num_workers: int = Field(0, ge=0)
     instruction: Literal["en", "cn", "mixed"] = "en"  # which embedding variant to train on
     cn_probability: float = Field(0.5, ge=0, le=1)  # with instruction=mixed
     inverse_probability: float = Field(0.0, ge=0, le=1)  # train this share of batches on the inverse edit
@@ -114,7 +113,7 @@ class TrainLoop(_Strict):
     val_samples: int = Field(4, ge=1)
     tensorboard: bool = True
     wandb: bool = False  # offline mode; needs `pip install wandb`
-    export_lora: bool = True  # also write diffusers/ComfyUI/DiffSynth LoRA files with each checkpoint
+    export_every_checkpoint: bool = True  # deployable files (LoRA layouts / transformer / vae) in each checkpoint
 
 
 class VaeStage(_Strict):

@@ -27,7 +27,6 @@ Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class LossOutput:
     loss: torch.Tensor  # scalar to back-propagate
     parts: dict[str, float] = field(default_factory=dict)  # logged components
-    sigmas: torch.Tensor | None = None
 
 
 def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -74,7 +73,7 @@ def flow_matching_loss(predict: Predict, target: torch.Tensor, cfg: ObjectiveCon
     pred = predict(noisy_latents(target, noise, sigmas), sigmas)
     loss = weighted_mse(pred, noise - target, mask_weight_map(mask, target.shape, cfg.mask_weight),
                         loss_weights(cfg.timesteps.weighting, sigmas))
-    return LossOutput(loss, {"fm": loss.item()}, sigmas)
+    return LossOutput(loss, {"fm": loss.item()})
 
 
 def bridge_sample(source: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor,
@@ -127,7 +126,7 @@ def lbm_loss(predict: Predict, source: torch.Tensor, target: torch.Tensor, cfg: 
         pix = (decode(crop_est).float() - ref.float()).abs().mean()
         loss = loss + lbm.pixel_loss_weight * pix
         parts["lbm_pixel"] = pix.item()
-    return LossOutput(loss, parts, sigmas)
+    return LossOutput(loss, parts)
 
 
 def random_latent_crop(a: torch.Tensor, b: torch.Tensor, side: int, generator: torch.Generator | None = None):

@@ -12,6 +12,7 @@ uninterrupted one step for step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -152,7 +153,8 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
             path = ckpt.save_checkpoint(
                 ckpt_root, at_step, trainable, optim_state, schedule.state_dict(), rng,
                 {"sampler": samplers, "stage": cfg.stage}, cfg.loop.keep_last,
-                extra_files={"export": lambda folder: task.export(unwrapped, folder, at_step)})
+                extra_files={"export": lambda folder: task.export(unwrapped, folder, at_step)}
+                if cfg.loop.export_every_checkpoint else None)
         accelerator.wait_for_everyone()
         train_mode(optimizer)
         return path
@@ -172,7 +174,7 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
             for micro in range(cfg.loop.grad_accum):
                 batch = task.next_batch(generator)
                 sync = micro == cfg.loop.grad_accum - 1
-                with accelerator.no_sync(wrapped) if not sync else _null():
+                with accelerator.no_sync(wrapped) if not sync else contextlib.nullcontext():
                     with accelerator.autocast():
                         out_loss = task.loss(batch, generator)
                     # DeepSpeed divides by its own gradient_accumulation_steps
@@ -283,11 +285,3 @@ def _from_bytes(data: bytes):
     import io
 
     return torch.load(io.BytesIO(data), weights_only=True)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
