@@ -312,6 +312,8 @@ def section_dit(run: Run) -> None:
         if run.cuda:
             check_gelu_epilogue(run)
         backends = ["_native_cudnn", "_native_flash", "_native_efficient"] if run.cuda else ["_native_math"]
+        if run.args.quick_dit:
+            backends = []
         for backend in backends:
             try:
                 accel.set_attention(tr, backend)
@@ -324,7 +326,7 @@ def section_dit(run: Run) -> None:
         variant(f"editkit eager true-CFG step (batched, padded+masked, {best})", lambda: cfg_step_batched(tr, xm),
                 ref_m)
 
-        if run.args.compile:
+        if run.args.compile and not run.args.quick_dit:
             try:
                 accel.set_attention(tr, None)
                 accel.compile_blocks(tr)
@@ -338,7 +340,8 @@ def section_dit(run: Run) -> None:
                         ref_step, base)
             except Exception as exc:  # noqa: BLE001
                 run.error("dit diffusers compile", exc)
-            for fused in (False, True):
+        if run.args.compile:
+            for fused in (True,) if run.args.quick_dit else (False, True):
                 label = "editkit compiled" + (" + fused ops" if fused else "")
                 try:
                     torch._dynamo.reset()
@@ -513,18 +516,25 @@ def section_train(run: Run) -> None:
         base = measure("diffusers+PEFT LoRA step (bf16 LoRA, eager, full ckpt, AdamW foreach)", False, False, "full",
                        False)
         run.results["meta"]["train_baseline_s"] = base["s"]
-        for p in params:  # editkit's trainer keeps LoRA weights in float32 and runs them under bf16 autocast
-            p.data = p.data.float()
-        measure("editkit trainer settings (fp32 LoRA + bf16 autocast, fused AdamW, full ckpt, eager)", True, True,
-                "full", False, base)
         if run.args.compile:
             accel.fuse_block_ops(tr)
-            for ckpt in ("full", "selective"):
+            try:
+                measure("editkit compiled + fused ops (bf16 LoRA as baseline, full ckpt, fused AdamW)", False, True,
+                        "full", True, base)
+            except Exception as exc:  # noqa: BLE001
+                run.error("train compiled bf16", exc)
+                run.free()
+        for p in params:  # editkit's trainer keeps LoRA weights in float32 and runs them under bf16 autocast
+            p.data = p.data.float()
+        if not run.args.quick_train:
+            measure("editkit trainer settings (fp32 LoRA + bf16 autocast, fused AdamW, full ckpt, eager)", True, True,
+                    "full", False, base)
+        if run.args.compile:
+            ckpts = ("full",) if run.args.quick_train else ("full", "selective")
+            for ckpt in ckpts:
                 try:
                     measure(f"editkit compiled + fused ops ({ckpt} ckpt, fp32 LoRA + autocast, fused AdamW)", True,
                             True, ckpt, True, base)
-                    profile_table(run, lambda: train_step(tr, torch.optim.AdamW(params, lr=0.0, fused=True), batch,
-                                                          True), f"train: editkit compiled ({ckpt} ckpt)", rows=40)
                 except Exception as exc:  # noqa: BLE001
                     run.error(f"train compiled {ckpt}", exc)
                     run.free()
@@ -611,6 +621,7 @@ def section_e2e(run: Run) -> None:
             return engine.edit([request])
 
         out, row = timed_pair("editkit", run_engine)
+        profile_table(run, lambda: run_engine(2), "e2e: editkit Engine.edit, 2 steps", rows=40)
         import numpy as np
 
         got = torch.from_numpy(np.asarray(out[0], dtype=np.float32) / 255).permute(2, 0, 1)
@@ -712,6 +723,9 @@ def parse_args(argv=None):
     ap.add_argument("--lowmem-steps", type=int, default=4, help="steps of the timed low-memory edit")
     ap.add_argument("--lowmem-gib", type=float, default=24.0, help="GPU memory cap of the low-memory mode")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--quick-train", action="store_true", help="train: baseline and the compiled editkit steps only")
+    ap.add_argument("--quick-dit", action="store_true",
+                    help="dit: only the diffusers eager baseline and editkit's fastest lossless path")
     ap.add_argument("--deadline", type=float, default=0, help="skip sections started after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     return ap.parse_args(argv)

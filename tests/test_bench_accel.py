@@ -52,3 +52,29 @@ def test_unknown_modes_are_user_errors(tiny):
         accel.apply_fp8(tiny, "int3")
     with pytest.raises(UserError):
         accel.accelerate(tiny, accel.Accel(compile=False, offload="disk"))
+
+
+def test_split_prompt_lengths_matches_the_masked_batch():
+    from editkit.models.tiny import build_tiny
+    from editkit.models.edit_model import EditModel
+    from editkit.models.families import get_family
+
+    c = build_tiny("qwen-image-edit-2511", seed=0)
+    model = EditModel(get_family("qwen-image-edit-2511"), c.transformer, c.vae, c.text_encoder, c.tokenizer,
+                      c.image_processor, c.scheduler)
+    g = torch.Generator().manual_seed(0)
+    latents, cond = torch.randn(3, 16, 16, generator=g), torch.randn(3, 16, 16, generator=g)
+    embeds = torch.randn(3, 9, 64, generator=g)
+    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4, [1] * 9])
+    shapes = [[(1, 4, 4), (1, 4, 4)]] * 3
+    t = torch.tensor([0.3, 0.6, 0.9])
+    with torch.no_grad():
+        want = model.predict(latents, t, embeds, mask, shapes, cond)
+        accel.split_prompt_lengths(model)
+        got = model.predict(latents, t, embeds, mask, shapes, cond)
+        calls = []
+        original = model.transformer.forward
+        model.transformer.forward = lambda *a, **k: calls.append(k["encoder_hidden_states_mask"]) or original(*a, **k)
+        model.predict(latents, t, embeds, mask, shapes, cond)
+    assert rel_err(got, want) < 1e-5
+    assert calls == [None, None]  # two unmasked passes: lengths 5 and 9

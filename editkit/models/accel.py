@@ -6,6 +6,9 @@ Lossless (same function within bf16 rounding):
   of PyTorch's default flash-2 kernel; elsewhere it keeps the diffusers default.
 - ``compile``: regional ``torch.compile`` of the 60 repeated blocks (one compiled graph shared by
   all of them), which fuses the norms, modulation, RoPE and gating around the matmuls.
+- ``split_lengths``: a batch whose prompts differ in length (right-padded with a mask, as the
+  CFG batch of a prompt and its shorter negative is) runs as one unmasked pass per length on the
+  trimmed prompts: the same function, without cuDNN's ~12% slower masked attention.
 - ``fused``: the same block math written so that the compiler can fuse it: RoPE in real
   arithmetic (diffusers multiplies complex numbers, which the compiler leaves as separate
   kernels) and the MLP's tanh-GELU inside the matmul's epilogue (cuBLASLt) instead of a pass
@@ -47,6 +50,7 @@ class Accel:
     attention: str | None = "auto"
     compile: bool = True
     fused: bool = True
+    split_lengths: bool = True
     fp8: str | None = None
     cache_threshold: float | None = None
     offload: str | None = None
@@ -56,7 +60,7 @@ class Accel:
         return self.fp8 is None and self.cache_threshold is None
 
 
-NONE = Accel(attention=None, compile=False, fused=False)
+NONE = Accel(attention=None, compile=False, fused=False, split_lengths=False)
 """Plain diffusers behaviour: the reference the fast paths are checked against."""
 
 
@@ -188,6 +192,50 @@ def fuse_block_ops(model) -> None:
     transformer._editkit_fused = True
 
 
+def _split_by_length(predict):
+    """Wrap `EditModel.predict` so that right-padded prompts of different lengths run unmasked.
+
+    Each group of samples sharing a prompt length gets one pass on prompts trimmed to that length.
+    Padded text tokens are masked out as keys and their outputs are dropped, and RoPE positions of
+    the kept tokens do not depend on the padding, so the result is the same function.
+    """
+
+    @functools.wraps(predict)
+    def grouped(latents, timestep, prompt_embeds, prompt_mask, img_shapes, cond_latents=None,
+                attention_kwargs=None):
+        if prompt_mask is None:
+            return predict(latents, timestep, prompt_embeds, prompt_mask, img_shapes, cond_latents, attention_kwargs)
+        mask = prompt_mask.long()
+        lengths, prefix = torch.stack([mask.sum(1), mask.cumprod(1).sum(1)]).tolist()  # one host sync
+        if lengths != prefix or min(lengths) == 0:  # not right-padded: keep the mask
+            return predict(latents, timestep, prompt_embeds, prompt_mask, img_shapes, cond_latents, attention_kwargs)
+        per_sample = torch.is_tensor(timestep) and timestep.ndim == 1
+        out = None
+        for length in sorted(set(lengths)):
+            idx = [i for i, n in enumerate(lengths) if n == length]
+            if len(idx) == len(lengths):
+                return predict(latents, timestep, prompt_embeds[:, :length], None, img_shapes, cond_latents,
+                               attention_kwargs)
+            sel = torch.tensor(idx, device=latents.device)
+            part = predict(latents[sel], timestep[sel] if per_sample else timestep, prompt_embeds[sel, :length],
+                           None, [img_shapes[i] for i in idx], None if cond_latents is None else cond_latents[sel],
+                           attention_kwargs)
+            if out is None:
+                out = part.new_empty((latents.shape[0], *part.shape[1:]))
+            out[sel] = part
+        return out
+
+    grouped.__editkit_split__ = True
+    return grouped
+
+
+def split_prompt_lengths(model) -> None:
+    """Make `model.predict` (an EditModel's) run prompts of different lengths as unmasked groups."""
+    predict = getattr(model, "predict", None)
+    if predict is not None and not getattr(predict, "__editkit_split__", False):
+        model.predict = _split_by_length(predict)
+
+
 def _block_linears(transformer):
     """Filter for torchao: the linear layers inside the repeated blocks."""
     def keep(module, fqn):
@@ -276,12 +324,14 @@ def enable_checkpointing(model, selective: bool = True) -> None:
 
 
 def accelerate(model, accel: Accel = Accel()):
-    """Apply `accel` to the model's transformer in the order that works: fp8, fused ops, attention,
-    cache, offload, compile."""
+    """Apply `accel` to an EditModel (or its transformer) in the order that works: fp8, fused ops,
+    prompt-length split, attention, cache, offload, compile."""
     if accel.fp8:
         apply_fp8(model, accel.fp8)
     if accel.fused:
         fuse_block_ops(model)
+    if accel.split_lengths:
+        split_prompt_lengths(model)
     set_attention(model, accel.attention)
     if accel.cache_threshold:
         enable_first_block_cache(model, accel.cache_threshold)
