@@ -110,7 +110,12 @@ def test_full_run_lowers_loss(cache_dir, tmp_path):
     train(cfg, progress=False)
     losses = _losses(tmp_path / "full")
     assert _mean([losses[s] for s in range(26, 31)]) < 0.85 * _mean([losses[s] for s in range(1, 6)])
-    assert (tmp_path / "full" / "final" / "transformer" / "config.json").is_file()
+    from editkit.models import load_model
+
+    tuned = load_model("tiny", transformer=tmp_path / "full" / "final" / "transformer", dtype="fp32", device="cpu")
+    base = load_model("tiny", dtype="fp32", device="cpu")
+    diffs = [(a - b).abs().max().item() for a, b in zip(tuned.transformer.parameters(), base.transformer.parameters())]
+    assert max(diffs) > 1e-3  # the engine loads the fine-tuned transformer with transformer=PATH
 
 
 def test_kill_and_resume_reproduces_losses(cache_dir, tmp_path):

@@ -102,10 +102,13 @@ def mixing_sampler(sources: list, weights: list[float], batch_size: int, seed: i
 def load_edit_model(cfg: TrainConfig, device):
     from editkit.models import load_model
 
-    """Frozen parts in bf16 under bf16 mixed precision; a fully fine-tuned transformer in fp32."""
+    """Frozen parts in bf16 under bf16 mixed precision; a fully fine-tuned transformer in fp32.
+
+    A tiny model is always the canonical one (load_model's default seed), so what is trained
+    applies to `load_model("tiny")` whatever the training seed.
+    """
     model = load_model(cfg.model, family=cfg.family, transformer=cfg.transformer,
-                       dtype="bf16" if cfg.loop.mixed_precision == "bf16" else "fp32", device=str(device),
-                       seed=cfg.seed)
+                       dtype="bf16" if cfg.loop.mixed_precision == "bf16" else "fp32", device=str(device))
     if cfg.train.mode == "full":
         torch.nn.Module.to(model.transformer, dtype=torch.float32)
     return model
