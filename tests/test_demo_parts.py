@@ -1,0 +1,64 @@
+"""The demo's own pieces: headline numbers, the copy-the-source baseline, folder checks, curves."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from editkit.data.records import EditRecord
+from editkit.demo.pipeline import BASELINE, check_out, copy_sources, headline
+from editkit.demo.presets import FULL, QUICK
+from editkit.demo.report import headline_html, loss_curves, read_curve
+from editkit.errors import UserError
+
+
+def test_headline_picks_the_cfg_with_the_lowest_edit_mse(tmp_path):
+    runs = {BASELINE: {"means": {"mse_in": 0.2, "psnr_out": 80.0}},
+            "cfg-1.0": {"means": {"mse_in": 0.08, "psnr_out": 27.0}},
+            "cfg-2.0": {"means": {"mse_in": 0.06, "psnr_out": 26.0}}}
+    (tmp_path / "summary.json").write_text(json.dumps({"runs": runs}))
+    h = headline(tmp_path / "summary.json", (1.0, 2.0))
+    assert h["best_cfg"] == 2.0
+    assert h["edit_mse_ratio"] == pytest.approx(0.3)
+    assert h["background_psnr"] == 26.0
+    page = headline_html(h, "lbm")
+    assert "0.30" in page and "met" in page and "NOT met" not in page
+
+
+def test_headline_says_when_a_bar_is_missed():
+    h = {"best_cfg": 1.0, "edit_mse": 0.15, "baseline_edit_mse": 0.2, "edit_mse_ratio": 0.75,
+         "background_psnr": 20.0, "per_cfg": {"1.0": {"edit_mse": 0.15, "background_psnr": 20.0}}}
+    assert headline_html(h, "lbm").count("NOT met") == 2
+
+
+def test_copy_sources_writes_each_source_under_the_record_id(tmp_path):
+    src = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(src)
+    records = [EditRecord(id="r1", instruction="x", sources=[src]), EditRecord(id="r2", instruction="y", sources=[src])]
+    copy_sources(records, tmp_path / BASELINE)
+    for rid in ("r1", "r2"):
+        assert Image.open(tmp_path / BASELINE / f"{rid}.png").getpixel((3, 3)) == (10, 20, 30)
+
+
+def test_a_folder_keeps_its_preset(tmp_path):
+    out = tmp_path / "demo"
+    check_out(out, QUICK)
+    check_out(out, QUICK)  # same preset: resumes
+    with pytest.raises(UserError, match="quick"):
+        check_out(out, FULL)
+
+
+def test_a_foreign_folder_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a demo folder"):
+        check_out(tmp_path, QUICK)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_loss_curves_read_the_trainer_csv(tmp_path):
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text("step,loss,val_loss\n1,0.5,\n2,0.25,\n2,,0.3\n")
+    assert read_curve(csv_path, "loss") == ([1, 2], [0.5, 0.25])
+    assert read_curve(csv_path, "val_loss") == ([2], [0.3])
+    png = loss_curves({"editor": csv_path}, tmp_path / "curves.png")
+    assert Image.open(png).size[0] > 100
