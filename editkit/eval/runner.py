@@ -257,7 +257,7 @@ def evaluate(pred_dirs: list[Path], records: list[EditRecord], out_dir: Path, gr
         return None
     if dist.world_size() > 1:
         models.unavailable.update(_wait_for_ranks(out_dir, dist.world_size(), start, MERGE_TIMEOUT_S))
-    summary = merge(runs, records, groups, out_dir, models.unavailable, manifest)
+    summary = merge(runs, records, groups, out_dir, models.unavailable, manifest, models.device)
     summary["computed"] = len(work)
     write_json(out_dir / "summary.json", summary)
     return summary
@@ -280,7 +280,7 @@ def _fmt(value) -> str:
 
 
 def merge(runs: list[Run], records: list[EditRecord], groups: list[str], out_dir: Path,
-          unavailable: dict[str, str], manifest: Path | None) -> dict:
+          unavailable: dict[str, str], manifest: Path | None, device=None) -> dict:
     """Combine all cache entries into per_sample.csv and the summary (rank 0)."""
     from editkit.eval.metrics import RUN_GROUPS, columns_of
     from editkit.eval.metrics.distribution import fid_kid_from_features
@@ -314,7 +314,8 @@ def merge(runs: list[Run], records: list[EditRecord], groups: list[str], out_dir
                    "n_missing": len(missing), "missing": missing, "means": means}
         if "fid" in groups and "effnet" not in unavailable:
             summary["means"].update(fid_kid_from_features(np.stack(real) if real else np.zeros((0, 1280)),
-                                                          np.stack(fake) if fake else np.zeros((0, 1280))))
+                                                          np.stack(fake) if fake else np.zeros((0, 1280)),
+                                                          device))
         run_summaries[run.name] = summary
     header = [*INFO_COLUMNS, *metric_columns]
     buf = io.StringIO()

@@ -47,13 +47,17 @@ def _result(fid, kid) -> dict[str, float]:
     return {"fid_effnet": float(fid.compute()), "kid_effnet": float(kid_mean), "kid_effnet_std": float(kid_std)}
 
 
-def fid_kid_from_features(real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
-    """FID/KID from (N, D) feature arrays (D = 1280 for EfficientNet-Lite0); NaN with fewer than 2 pairs."""
+def fid_kid_from_features(real: np.ndarray, fake: np.ndarray, device=None) -> dict[str, float]:
+    """FID/KID from (N, D) feature arrays (D = 1280 for EfficientNet-Lite0); NaN with fewer than 2 pairs.
+    `device`: where torchmetrics computes (FID's DxD eigen-decomposition is much faster on a GPU)."""
     n = min(len(real), len(fake))
     if n < 2:
         return {"fid_effnet": math.nan, "kid_effnet": math.nan, "kid_effnet_std": math.nan}
     fid, kid = _metrics(CachedFeatures(np.shape(real)[1]), n)
-    real_t, fake_t = torch.from_numpy(np.asarray(real, np.float64)), torch.from_numpy(np.asarray(fake, np.float64))
+    device = torch.device(device or "cpu")
+    fid, kid = fid.to(device), kid.to(device)
+    real_t = torch.from_numpy(np.asarray(real, np.float64)).to(device)
+    fake_t = torch.from_numpy(np.asarray(fake, np.float64)).to(device)
     for metric in (fid, kid):
         metric.update(real_t, real=True)
         metric.update(fake_t, real=False)
