@@ -20,7 +20,7 @@ from PIL import Image
 
 from editkit.utils.atomic import write_text
 
-THUMB_PX = 192
+THUMB_PX = 160
 
 
 @dataclass
@@ -93,7 +93,7 @@ _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}
 th{background:#f3f3f3}table.sortable th{cursor:pointer}th.asc:after{content:" \\25B2"}th.desc:after{content:" \\25BC"}
-#gallery img{max-width:192px;max-height:192px;display:block}#gallery td{vertical-align:top}
+#gallery img{width:160px;height:auto;display:block}#gallery td{vertical-align:top}
 .missing{color:#a00;font-size:12px}.score{font-size:11px;color:#555}.plots img{max-width:640px;margin:4px}
 .note{color:#555;font-size:13px}
 """
