@@ -177,7 +177,10 @@ def build_cache(model_spec: str, manifest: str | Path, out_dir: str | Path, area
         model = load_model(model_spec, family=family, dtype=dtype, device=device, **model_kwargs)
     if multiple % model.size_multiple:
         raise UserError(f"--multiple {multiple}: must be a multiple of {model.size_multiple} for this model")
-    buckets = make_buckets(area, multiple, max_ratio)
+    try:
+        buckets = make_buckets(area, multiple, max_ratio)
+    except ValueError as err:
+        raise UserError(f"--area {area} / --multiple {multiple}: {err}") from None
     writer = CacheWriter(out, rank(), shard_records)
     if rank() == 0:
         write_run_manifest(out, "cache", {"model": str(model_spec), "manifest": str(manifest), "area": area,

@@ -147,6 +147,11 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _needs_data(self):
+        if self.data.multiple not in (8, 16, 32, 64):
+            raise ValueError("data.multiple: use 8, 16, 32 or 64")
+        if self.data.area < self.data.multiple ** 2:
+            raise ValueError(f"data.area: at least one {self.data.multiple}x{self.data.multiple} tile "
+                             f"({self.data.multiple ** 2} pixels)")
         if not self.data.train and not self.data.cache:
             raise ValueError("data: give data.train (manifests) or data.cache (cache folders)")
         if self.data.train and self.data.cache:

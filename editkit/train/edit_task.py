@@ -44,10 +44,12 @@ class _CachedSource:
 
 
 class _OnlineSource:
-    def __init__(self, manifest: str, model, buckets, name: str | None = None):
+    def __init__(self, manifest: str, model, buckets, name: str | None = None, keep: bool = False):
+        """keep=True holds encoded samples in memory (the few fixed validation records)."""
         from editkit.data import read_manifest
 
         self.name = name or Path(manifest).stem
+        self._kept: dict[int, dict[str, torch.Tensor]] | None = {} if keep else None
         self.records = [r for r in read_manifest(manifest) if r.target is not None]
         if not self.records:
             raise UserError(f"{manifest}: no records with a target image; training needs source/target pairs")
@@ -56,7 +58,11 @@ class _OnlineSource:
         self._white: dict = {}
 
     def get(self, i: int) -> dict[str, torch.Tensor]:
-        return encode_record(self.model, self.records[i], self.keys[i][0])
+        if self._kept is None:
+            return encode_record(self.model, self.records[i], self.keys[i][0])
+        if i not in self._kept:
+            self._kept[i] = encode_record(self.model, self.records[i], self.keys[i][0])
+        return self._kept[i]
 
     def white(self, bucket, model) -> torch.Tensor:
         if bucket not in self._white:
@@ -100,13 +106,13 @@ def mixing_sampler(sources: list, weights: list[float], batch_size: int, seed: i
 
 
 def load_edit_model(cfg: TrainConfig, device):
-    from editkit.models import load_model
-
     """Frozen parts in bf16 under bf16 mixed precision; a fully fine-tuned transformer in fp32.
 
     A tiny model is always the canonical one (load_model's default seed), so what is trained
     applies to `load_model("tiny")` whatever the training seed.
     """
+    from editkit.models import load_model
+
     model = load_model(cfg.model, family=cfg.family, transformer=cfg.transformer,
                        dtype="bf16" if cfg.loop.mixed_precision == "bf16" else "fp32", device=str(device))
     if cfg.train.mode == "full":
@@ -133,7 +139,7 @@ class EditTask:
             self.sources = [_OnlineSource(d.manifest, self.model, buckets, d.name) for d in cfg.data.train]
             weights = [d.weight for d in cfg.data.train]
         self.sampler = mixing_sampler(self.sources, weights, cfg.data.batch_size, cfg.seed, rank, world)
-        self.val = _OnlineSource(cfg.data.val, self.model, buckets) if cfg.data.val else None
+        self.val = _OnlineSource(cfg.data.val, self.model, buckets, keep=True) if cfg.data.val else None
         self.info = setup_trainable(self.model.transformer, cfg.train)
         if cfg.data.cache and not self._needs_encoders():
             self.model.text_encoder = self.model.vae = None  # the cache replaces them; free the memory
