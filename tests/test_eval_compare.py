@@ -89,6 +89,16 @@ def test_bad_compare_inputs(evaluated, tmp_path):
         compare_runs([first, first], tmp_path / "x")
 
 
+def test_compare_report_takes_extra_sections_and_images(evaluated, tmp_path):
+    root, first, second, out, result = evaluated
+    Image.new("RGB", (120, 80), "white").save(tmp_path / "loss.png")
+    compare_runs([first], tmp_path / "cmp", n_boot=200, extra_sections=[("Headline", "<p>best cfg 4.0</p>")],
+                 extra_images=[("Training loss", tmp_path / "loss.png")])
+    page = (tmp_path / "cmp" / "report.html").read_text()
+    assert page.index("<h2>Headline</h2>") < page.index("<h2>Summary</h2>")
+    assert "<figcaption>Training loss</figcaption>" in page
+
+
 def test_build_report_for_other_jobs(tmp_path):
     """The demo's use: headline numbers and a loss curve, nothing else."""
     Image.new("RGB", (120, 80), "white").save(tmp_path / "loss.png")
