@@ -130,7 +130,8 @@ def test_kill_and_resume_reproduces_losses(cache_dir, tmp_path):
     resumed = train(cut, resume="latest", progress=False)
     assert resumed["resumed_from"].endswith("step-000003")
     whole, cut_losses = _losses(tmp_path / "whole"), _losses(tmp_path / "cut")
-    assert sorted(cut_losses) == list(range(1, 7))
+    with open(tmp_path / "cut" / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 7))  # step 4 not logged twice
     for step in range(1, 7):
         assert cut_losses[step] == pytest.approx(whole[step], rel=1e-6, abs=1e-7), step
 
@@ -340,3 +341,15 @@ def test_cache_ranks_write_their_own_shards(synth, tmp_path, monkeypatch):
     reader = CacheReader(out)
     assert reader.ids == sorted(r.id for r in read_manifest(synth["val"]))
     assert reader.verify()["records"] == 2
+
+
+def test_wandb_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    from editkit.train.metrics import MetricsLogger
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "wandb" else real_import(name, *a, **k))
+    with pytest.raises(UserError, match="pip install wandb"):
+        MetricsLogger(tmp_path, tensorboard=False, wandb=True)
