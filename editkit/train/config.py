@@ -113,7 +113,7 @@ class TrainLoop(_Strict):
     val_samples: int = Field(4, ge=1)
     tensorboard: bool = True
     wandb: bool = False  # offline mode; needs `pip install wandb`
-    export_every_checkpoint: bool = True  # deployable files (LoRA layouts / transformer / vae) in each checkpoint
+    export_lora: bool = True  # deployable exports (LoRA layouts / transformer / vae) in every checkpoint
 
 
 class VaeStage(_Strict):

@@ -154,7 +154,7 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
                 ckpt_root, at_step, trainable, optim_state, schedule.state_dict(), rng,
                 {"sampler": samplers, "stage": cfg.stage}, cfg.loop.keep_last,
                 extra_files={"export": lambda folder: task.export(unwrapped, folder, at_step)}
-                if cfg.loop.export_every_checkpoint else None)
+                if cfg.loop.export_lora else None)
         accelerator.wait_for_everyone()
         train_mode(optimizer)
         return path
