@@ -136,7 +136,7 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
         logger = MetricsLogger(out, cfg.loop.tensorboard, cfg.loop.wandb, run_name=out.name,
                                config=cfg.model_dump(mode="json"), resume_step=step)
 
-    def save(at_step: int) -> Path | None:
+    def save(at_step: int) -> None:
         eval_mode(optimizer)
         rng = [_from_bytes(b) for b in gather_object([_to_bytes(ckpt.capture_rng(generator))])]
         samplers = gather_object([task.sampler.state_dict()])
@@ -147,23 +147,20 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
             trainable = {k: v for k, v in full.items() if k in names} if accelerator.is_main_process else {}
         else:
             trainable = trainable_state_dict(accelerator.unwrap_model(wrapped))
-        path = None
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(wrapped)
-            path = ckpt.save_checkpoint(
+            ckpt.save_checkpoint(
                 ckpt_root, at_step, trainable, optim_state, schedule.state_dict(), rng,
                 {"sampler": samplers, "stage": cfg.stage}, cfg.loop.keep_last,
                 extra_files={"export": lambda folder: task.export(unwrapped, folder, at_step)}
-                if cfg.loop.export_lora else None)
+                if cfg.loop.export_lora and not sharded else None)
         accelerator.wait_for_everyone()
         train_mode(optimizer)
-        return path
 
     from editkit.utils.progress import make_progress
 
     bar = make_progress("steps", disable=not (progress and accelerator.is_main_process))
     clip = clips_gradients(cfg.optim)
-    last_saved = resume_path
     start, t0 = step, time.time()
     with bar:
         task_id = bar.add_task("train", total=cfg.loop.max_steps, completed=step, status="")
@@ -187,7 +184,7 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
                             f"Last good checkpoint: {ckpt.latest_checkpoint(ckpt_root) or 'none'}. "
                             "Lower optim.lr, use loop.mixed_precision=bf16 instead of fp16, or check the data")
                     accelerator.backward(loss)
-                total += loss.item()
+                total += out_loss.loss.item() / cfg.loop.grad_accum
                 for k, v in out_loss.parts.items():
                     parts[k] = parts.get(k, 0.0) + v / cfg.loop.grad_accum
             grad_norm = None
@@ -207,11 +204,14 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
             bar.update(task_id, completed=step, status=f"loss {total:.4f}")
             _periodic(cfg, task, optimizer, accelerator, logger, out, step)
             if step % cfg.loop.checkpoint_every == 0 or step == cfg.loop.max_steps:
-                last_saved = save(step) or last_saved
+                save(step)
             if stop_after is not None and step >= stop_after:
                 break
     final = None
-    if step == cfg.loop.max_steps and accelerator.is_main_process:
+    if sharded and step == cfg.loop.max_steps and accelerator.is_main_process:
+        print(f"sharded run: the trained weights are in {ckpt.latest_checkpoint(ckpt_root)}/trainable.safetensors "
+              "(deployable exports are written by unsharded runs)", file=sys.stderr)
+    elif step == cfg.loop.max_steps and accelerator.is_main_process:
         eval_mode(optimizer)
         final = out / "final"
         from editkit.utils.atomic import atomic_dir
