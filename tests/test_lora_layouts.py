@@ -153,3 +153,34 @@ def test_bad_files_and_keys_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
         L.LoraSpec.parse(str(tmp_path / "nope.safetensors"))
     assert L.LoraSpec.parse(f"{junk}:0.5") == L.LoraSpec(str(junk), 0.5)
+
+
+def _kohya_key(comfy_key):
+    """diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight -> lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight"""
+    name = comfy_key.removeprefix("diffusion_model.")
+    if name.endswith(".alpha"):
+        module, suffix = name.removesuffix(".alpha"), "alpha"
+    else:
+        module, down_or_up, weight = name.rsplit(".", 2)
+        suffix = f"{down_or_up}.{weight}"
+    return f"lora_unet_{module.replace('.', '_')}.{suffix}"
+
+
+def test_kohya_files_load_with_the_same_effect(tmp_path):
+    t = tiny_transformer()
+    sd = random_lora(t)  # comfyui layout, with alphas
+    kohya = {_kohya_key(k): v for k, v in sd.items()}
+    assert L.detect_layout(kohya) == "kohya"
+    modules, reference = L.parse(kohya), L.parse(sd)
+    assert modules.keys() == reference.keys()
+    for name, mod in modules.items():
+        ref = reference[name]
+        torch.testing.assert_close(mod.B @ mod.A * mod.scale, ref.B @ ref.A * ref.scale)
+    path = tmp_path / "kohya.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(kohya, str(path))
+    L.apply_loras(t, [L.LoraSpec(str(path))])
+    from_kohya = forward(t)
+    L.apply_loras(t, [L.LoraSpec(str(L.save_lora(tmp_path / "c.safetensors", sd, "comfyui")))])
+    torch.testing.assert_close(from_kohya, forward(t), atol=1e-5, rtol=1e-5)

@@ -13,6 +13,10 @@ Layouts (module names are the diffusers `QwenImageTransformer2DModel` names, e.g
 - ``comfyui``: ``diffusion_model.<module>.lora_down.weight`` / ``.lora_up.weight`` plus
   ``diffusion_model.<module>.alpha`` (``lora_A``/``lora_B`` are read too).
 
+Read only: ``kohya`` (``lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight``, musubi-tuner
+and kohya scripts), turned into the diffusers layout by diffusers' own converter, which folds
+each alpha into the weights (same effect, no alpha left).
+
 Every layout may carry one ``alpha`` per module; the effective scale is ``alpha / rank`` (PEFT's
 ``lora_alpha / r``); without an alpha the scale is 1. Conversion only renames keys: tensors and
 alphas are kept bit for bit, so any round trip is lossless. ComfyUI files always get an alpha
@@ -34,6 +38,7 @@ import torch
 from editkit.errors import UserError
 
 LAYOUTS = ("diffusers", "peft", "diffsynth", "comfyui")
+"""Layouts editkit writes (and reads); `kohya` files are read too."""
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 _COMFY_PREFIX = "diffusion_model."
 _DIFFUSERS_PREFIX = "transformer."
@@ -73,6 +78,8 @@ def detect_layout(state_dict: dict[str, torch.Tensor], source: str = "LoRA") -> 
         raise UserError(f"{source}: the LoRA has no tensors; is it the right file?")
     if any(k.startswith(_COMFY_PREFIX) for k in keys):
         return "comfyui"
+    if any(k.startswith("lora_unet_") for k in keys):
+        return "kohya"
     if any(".default.weight" in k for k in keys):
         return "diffsynth"
     if all(k.startswith(_DIFFUSERS_PREFIX) for k in keys):
@@ -80,13 +87,15 @@ def detect_layout(state_dict: dict[str, torch.Tensor], source: str = "LoRA") -> 
     if any(".lora_A." in k or ".lora_B." in k for k in keys):
         return "peft"
     raise UserError(f"{source}: key {keys[0]!r} is not a LoRA key of any known layout ({', '.join(LAYOUTS)}); "
-                    "kohya 'lora_unet_' files: convert them to diffusers first")
+                    "is it a LoRA file?")
 
 
 def parse(state_dict: dict[str, torch.Tensor], layout: str | None = None,
           source: str = "LoRA") -> dict[str, LoraModule]:
     """State dict of any layout -> {module name: LoraModule}. UserError on stray or unpaired keys."""
     layout = layout or detect_layout(state_dict, source)
+    if layout == "kohya":
+        state_dict, layout = _from_kohya(state_dict, source), "diffusers"
     if layout not in LAYOUTS:
         raise UserError(f"{source}: unknown LoRA layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     pattern = _PATTERNS[layout]
@@ -109,6 +118,15 @@ def parse(state_dict: dict[str, torch.Tensor], layout: str | None = None,
                             "that do not form a LoRA (need A: r x in, B: out x r)")
         modules[name] = LoraModule(a, b, slots.get("alpha"))
     return modules
+
+
+def _from_kohya(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_qwen_lora_to_diffusers
+
+    try:
+        return _convert_non_diffusers_qwen_lora_to_diffusers(dict(state_dict))
+    except (ValueError, KeyError, IndexError) as err:
+        raise UserError(f"{source}: kohya-style LoRA keys could not be converted ({str(err)[:120]})") from None
 
 
 def build(modules: dict[str, LoraModule], layout: str) -> dict[str, torch.Tensor]:
