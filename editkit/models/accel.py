@@ -94,7 +94,8 @@ def compile_blocks(model, *, fullgraph: bool = True, dynamic: bool | None = None
     """Regional compile: each transformer block is compiled; all blocks share one graph."""
     # Text length changes between prompts; each length is one more entry of the shared block graph.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    transformer_of(model).compile_repeated_blocks(fullgraph=fullgraph, dynamic=dynamic, mode=mode)
+    options = {k: v for k, v in (("dynamic", dynamic), ("mode", mode)) if v is not None}
+    transformer_of(model).compile_repeated_blocks(fullgraph=fullgraph, **options)
 
 
 def _rope_real(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -155,10 +156,11 @@ class FusedDoubleStreamProcessor:
 def _gelu_tanh_epilogue(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """`GELU(approximate="tanh").forward` as one cuBLASLt matmul with a GELU epilogue.
 
-    The fused op has no backward: with autograd recording, the plain matmul + GELU runs.
+    The fused op has no backward: with autograd recording, the plain matmul + GELU runs; so it
+    does where the weights are not on the input's device (group offload onloads them in `proj`).
     """
     proj = self.proj
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or proj.weight.device != hidden_states.device:  # training, or offloaded weights
         return F.gelu(proj(hidden_states), approximate="tanh")
     flat = hidden_states.flatten(0, -2)
     out = torch._addmm_activation(proj.bias, flat, proj.weight.t(), use_gelu=True)
@@ -330,7 +332,7 @@ def accelerate(model, accel: Accel = Accel()):
         apply_fp8(model, accel.fp8)
     if accel.fused:
         fuse_block_ops(model)
-    if accel.split_lengths:
+    if accel.split_lengths and not accel.offload:  # offloaded weights: one masked pass streams them once
         split_prompt_lengths(model)
     set_attention(model, accel.attention)
     if accel.cache_threshold:

@@ -130,7 +130,11 @@ def load_model(
     if attention_backend:
         set_attention_backend(model.transformer, attention_backend)
     if compile:
-        model.transformer.compile_repeated_blocks(fullgraph=True)
+        from editkit.models import accel
+
+        accel.fuse_block_ops(model)  # lossless; see editkit/models/accel.py and docs/benchmarks.md
+        accel.split_prompt_lengths(model)
+        accel.compile_blocks(model)
     return model
 
 
