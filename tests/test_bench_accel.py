@@ -78,3 +78,20 @@ def test_split_prompt_lengths_matches_the_masked_batch():
         model.predict(latents, t, embeds, mask, shapes, cond)
     assert rel_err(got, want) < 1e-5
     assert calls == [None, None]  # two unmasked passes: lengths 5 and 9
+
+
+def test_gelu_epilogue_leaves_lora_wrapped_layers_to_their_own_forward():
+    import types
+
+    from diffusers.models.activations import GELU
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    module = GELU(8, 16, approximate="tanh")
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False), module)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = module(x)  # includes the LoRA delta
+        module.forward = types.MethodType(accel._gelu_tanh_epilogue, module)
+        got = module(x)
+    assert torch.equal(got, want)

@@ -157,10 +157,12 @@ def _gelu_tanh_epilogue(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """`GELU(approximate="tanh").forward` as one cuBLASLt matmul with a GELU epilogue.
 
     The fused op has no backward: with autograd recording, the plain matmul + GELU runs; so it
-    does where the weights are not on the input's device (group offload onloads them in `proj`).
+    does where `proj` is not a plain Linear (an unfused LoRA adds its delta in its own forward) or
+    its weights are not on the input's device (group offload onloads them in `proj`).
     """
     proj = self.proj
-    if torch.is_grad_enabled() or proj.weight.device != hidden_states.device:  # training, or offloaded weights
+    plain = type(proj) is torch.nn.Linear and proj.weight.device == hidden_states.device
+    if torch.is_grad_enabled() or not plain:  # training, a LoRA-wrapped layer, or offloaded weights
         return F.gelu(proj(hidden_states), approximate="tanh")
     flat = hidden_states.flatten(0, -2)
     out = torch._addmm_activation(proj.bias, flat, proj.weight.t(), use_gelu=True)
