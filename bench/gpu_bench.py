@@ -348,7 +348,9 @@ def section_dit(run: Run) -> None:
                     if fused:
                         accel.fuse_block_ops(tr)
                     accel.set_attention(tr, "auto")
-                    accel.compile_blocks(tr)
+                    accel.compile_blocks(tr, mode=run.args.compile_mode)
+                    if run.args.compile_mode:
+                        label += f" [{run.args.compile_mode}]"
                     variant(f"{label} forward ({best})", lambda: forward(tr, x, x.latents, x.pos), ref,
                             flops_=flops)
                     variant(f"{label} true-CFG step, 2 passes", lambda: cfg_step_two_pass(tr, x), ref_step, base)
@@ -728,6 +730,7 @@ def parse_args(argv=None):
     ap.add_argument("--lowmem-steps", type=int, default=4, help="steps of the timed low-memory edit")
     ap.add_argument("--lowmem-gib", type=float, default=24.0, help="GPU memory cap of the low-memory mode")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode of editkit's dit blocks")
     ap.add_argument("--quick-train", action="store_true", help="train: baseline and the compiled editkit steps only")
     ap.add_argument("--quick-dit", action="store_true",
                     help="dit: only the diffusers eager baseline and editkit's fastest lossless path")
