@@ -353,13 +353,15 @@ def section_dit(run: Run) -> None:
                         label += f" [{run.args.compile_mode}]"
                     variant(f"{label} forward ({best})", lambda: forward(tr, x, x.latents, x.pos), ref,
                             flops_=flops)
-                    variant(f"{label} true-CFG step, 2 passes", lambda: cfg_step_two_pass(tr, x), ref_step, base)
+                    if not run.args.compile_mode:
+                        variant(f"{label} true-CFG step, 2 passes", lambda: cfg_step_two_pass(tr, x), ref_step, base)
                     variant(f"{label} true-CFG step, batched", lambda: cfg_step_batched(tr, x), ref_step, base,
                             2 * flops)
-                    variant(f"{label} true-CFG step, batched padded+masked", lambda: cfg_step_batched(tr, xm),
-                            ref_m, base)
-                    variant(f"{label} true-CFG step, 2 passes, unequal prompts", lambda: cfg_step_two_pass(tr, xm),
-                            ref_m, base)
+                    if not run.args.compile_mode:  # each new shape is another (long) autotuned compile
+                        variant(f"{label} true-CFG step, batched padded+masked", lambda: cfg_step_batched(tr, xm),
+                                ref_m, base)
+                        variant(f"{label} true-CFG step, 2 passes, unequal prompts",
+                                lambda: cfg_step_two_pass(tr, xm), ref_m, base)
                     profile_table(run, lambda: cfg_step_batched(tr, x), f"dit: {label} batched CFG step", rows=40)
                 except Exception as exc:  # noqa: BLE001
                     run.error(f"dit {label}", exc)
