@@ -95,6 +95,7 @@ def _random_lora(transformer, seed=0):
     return L.build(modules, "comfyui")
 
 
+@pytest.mark.slow
 def test_lora_from_every_layout_gives_the_same_edit_fuse_and_unload(engine, tmp_path):
     src = noise_image(6, (64, 64))
     request = EditRequest("blue", [src], steps=2, seed=1)
