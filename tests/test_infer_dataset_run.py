@@ -83,8 +83,14 @@ def test_ranks_split_the_records(engine, records, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     config = DatasetRunConfig(cfgs=(4.0,), steps=2, fusion="pixel-mask")
+    stale = tmp_path / "out" / "cfg-4.0" / ".tmp-r1.png.x1y2z3w4.png"  # a write killed by SIGKILL
+    other = tmp_path / "out" / "cfg-4.0" / ".tmp-r0.png.a1b2c3d4.png"  # rank 0's record: not ours to touch
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a png")
+    other.write_bytes(b"rank 0 is writing this")
     result = run_dataset(engine, records, tmp_path / "out", config, show_progress=False)
     assert [p.name for p in result.written] == ["r1.png"]
+    assert not stale.exists() and other.exists()
     assert (tmp_path / "out" / "cfg-4.0" / "run-rank1.json").is_file()
     assert read_settings(result.written[0])["fusion"] == "pixel-mask"
 

@@ -86,6 +86,7 @@ def run_dataset(engine: Engine, records: Sequence, out_dir: str | os.PathLike, c
         _write_manifest(engine, folder, cfg, config, len(records))
         for record in mine:
             path = output_path(folder, record.id)
+            _remove_stale_temp_files(path)
             if path.exists():
                 result.skipped += 1
             else:
@@ -122,6 +123,12 @@ def run_dataset(engine: Engine, records: Sequence, out_dir: str | os.PathLike, c
     if result.without_mask:
         log.warning("%d request(s) had no mask: saved without %s fusion", result.without_mask, config.fusion)
     return result
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Drop what a killed write of `path` left behind (only this process writes this record's files)."""
+    for stale in path.parent.glob(f".tmp-{path.name}.????????{path.suffix}"):  # atomic_path's mkstemp name
+        stale.unlink(missing_ok=True)
 
 
 def _write_manifest(engine: Engine, folder: Path, cfg: float, config: DatasetRunConfig, total: int) -> None:
