@@ -86,3 +86,35 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, image, args, message):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("editkit: error: ") and message in lines[0]
+
+
+@pytest.mark.slow
+def test_infer_killed_with_sigkill_resumes(tmp_path, image):
+    import time
+
+    from editkit.data import write_manifest
+    from editkit.data.records import EditRecord
+
+    manifest = tmp_path / "set.jsonl"
+    write_manifest([EditRecord(id=f"r{i}", instruction=f"edit {i}", sources=[image]) for i in range(6)], manifest, "pairs")
+    args = ["infer", *TINY, "--data", str(manifest), "--batch-size", "1", "--cfg", "4"]
+    out = tmp_path / "killed" / "cfg-4.0"
+    proc = subprocess.Popen([sys.executable, "-m", "editkit", *args, "--out", str(tmp_path / "killed")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and len(list(out.glob("r*.png"))) < 2:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    done = sorted(p.name for p in out.glob("r*.png"))
+    assert 2 <= len(done) < 6, done
+    resumed = subprocess.run([sys.executable, "-m", "editkit", *args, "--out", str(tmp_path / "killed")],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"skipped {len(done)} finished" in resumed.stdout
+    invoke(*args, "--out", tmp_path / "full")
+    for i in range(6):
+        a = np.asarray(Image.open(out / f"r{i}.png")).astype(int)
+        b = np.asarray(Image.open(tmp_path / "full" / "cfg-4.0" / f"r{i}.png")).astype(int)
+        assert np.abs(a - b).max() <= 1
+    assert not list(out.glob(".tmp-*"))
