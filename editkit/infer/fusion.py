@@ -3,8 +3,8 @@
 Modes:
 - ``off``: the model's output as it is.
 - ``pixel-mask``: after decoding, paste the source back where the mask is black. The mask is first
-  grown by ``feather`` pixels, then Gaussian-blurred (sigma ``feather / 2``), so the whole edit
-  region is kept and the seam fades over about ``feather`` pixels outside it. Pixels more than
+  grown by ``feather`` pixels, then Gaussian-blurred (sigma ``feather / 2``), so the edit region
+  keeps the edit (at least 97 % at its edge) and the seam fades over about ``feather`` pixels outside it. Pixels more than
   ``3 * feather`` (and more than 2) from the edit region are the source's, bit for bit.
 - ``latent-mask``: during sampling, after every step, the latents outside the mask are replaced by
   the source latents noised to the current noise level (``(1 - sigma) * source + sigma * noise``,
