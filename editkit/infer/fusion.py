@@ -2,18 +2,19 @@
 
 Modes:
 - ``off``: the model's output as it is.
-- ``pixel-mask``: after decoding, paste the source back where the mask is black. The mask is first
-  grown by ``feather`` pixels, then Gaussian-blurred (sigma ``feather / 2``), so the edit region
-  keeps the edit (at least 97 % at its edge) and the seam fades over about ``feather`` pixels outside it. Pixels more than
-  ``3 * feather`` (and more than 2) from the edit region are the source's, bit for bit.
-- ``latent-mask``: during sampling, after every step, the latents outside the mask are replaced by
-  the source latents noised to the current noise level (``(1 - sigma) * source + sigma * noise``,
-  the flow-matching forward process), so the model paints the edit region in the context of the
-  true background; at the last step (sigma 0) the background latents are exactly the source's.
-  The mask is downsampled to the latent grid by area: a latent is "edit" in proportion to its
-  pixels, which softens the seam by one latent (8 pixels); latents without edit pixels follow
-  the source exactly. The decoded background is then the VAE's
-  reconstruction of the source, not the source pixels: combine with ``pixel-mask`` for exact pixels.
+- ``pixel-mask``: after decoding, paste the source back where the mask is black. The mask is
+  first grown by ``feather`` pixels, then Gaussian-blurred (sigma ``feather / 2``), so the edit
+  region keeps the edit (at least 97 % at its edge) and the seam fades over about ``feather``
+  pixels outside it. Pixels more than ``3 * feather`` (and more than 2) from the edit region are
+  the source's, bit for bit.
+- ``latent-mask``: at every sampling step, the predicted velocity outside the mask is replaced by
+  the velocity of the source's own noising path (``noise - source``; zero for the bridge
+  sampler), so the background latents move along ``(1 - sigma) * source + sigma * noise`` and end
+  (sigma 0) exactly on the source latents, while the model paints the edit region in the context
+  of the true background. The mask is downsampled to the latent grid by area: a latent is "edit"
+  in proportion to its pixels, which softens the seam by one latent (8 pixels); latents without
+  edit pixels follow the source exactly. The decoded background is the VAE's reconstruction of
+  the source, not the source pixels: combine with ``pixel-mask`` for exact pixels.
 """
 
 from __future__ import annotations
