@@ -7,18 +7,18 @@ from PIL import Image
 
 from editkit.data.records import EditRecord
 from editkit.demo.pipeline import BASELINE, check_out, copy_sources, headline
-from editkit.demo.presets import FULL, QUICK
+from editkit.demo.presets import FULL, QUICK, sweep
 from editkit.demo.report import headline_html, loss_curves, read_curve
 from editkit.errors import UserError
 
 
 def test_headline_picks_the_cfg_with_the_lowest_edit_mse(tmp_path):
     runs = {BASELINE: {"means": {"mse_in": 0.2, "psnr_out": 80.0}},
-            "cfg-1.0": {"means": {"mse_in": 0.08, "psnr_out": 27.0}},
-            "cfg-2.0": {"means": {"mse_in": 0.06, "psnr_out": 26.0}}}
+            "bridge-1-steps": {"means": {"mse_in": 0.08, "psnr_out": 27.0}},
+            "bridge-2-steps": {"means": {"mse_in": 0.06, "psnr_out": 26.0}}}
     (tmp_path / "summary.json").write_text(json.dumps({"runs": runs}))
-    h = headline(tmp_path / "summary.json", (1.0, 2.0))
-    assert h["best_cfg"] == 2.0
+    h = headline(tmp_path / "summary.json", ["bridge-1-steps", "bridge-2-steps"])
+    assert h["best_run"] == "bridge-2-steps"
     assert h["edit_mse_ratio"] == pytest.approx(0.3)
     assert h["background_psnr"] == 26.0
     page = headline_html(h, "lbm")
@@ -26,8 +26,8 @@ def test_headline_picks_the_cfg_with_the_lowest_edit_mse(tmp_path):
 
 
 def test_headline_says_when_a_bar_is_missed():
-    h = {"best_cfg": 1.0, "edit_mse": 0.15, "baseline_edit_mse": 0.2, "edit_mse_ratio": 0.75,
-         "background_psnr": 20.0, "per_cfg": {"1.0": {"edit_mse": 0.15, "background_psnr": 20.0}}}
+    h = {"best_run": "cfg-1.0", "edit_mse": 0.15, "baseline_edit_mse": 0.2, "edit_mse_ratio": 0.75,
+         "background_psnr": 20.0, "per_run": {"cfg-1.0": {"edit_mse": 0.15, "background_psnr": 20.0}}}
     assert headline_html(h, "lbm").count("NOT met") == 2
 
 
@@ -62,3 +62,12 @@ def test_loss_curves_read_the_trainer_csv(tmp_path):
     assert read_curve(csv_path, "val_loss") == ([2], [0.3])
     png = loss_curves({"editor": csv_path}, tmp_path / "curves.png")
     assert Image.open(png).size[0] > 100
+
+
+def test_the_sweep_is_bridge_steps_for_lbm_and_cfg_for_flow_matching():
+    from dataclasses import replace
+
+    assert [(s.name, s.cfg, s.steps) for s in sweep(replace(FULL, objective="lbm", bridge_steps=(1, 4)))] == [
+        ("bridge-1-steps", 1.0, 1), ("bridge-4-steps", 1.0, 4)]
+    fm = replace(FULL, objective="flow_matching", cfgs=(1, 4.0), sample_steps=8)
+    assert [(s.name, s.cfg, s.steps) for s in sweep(fm)] == [("cfg-1.0", 1.0, 8), ("cfg-4.0", 4.0, 8)]

@@ -34,7 +34,7 @@ def test_every_stage_leaves_its_artifacts(demo_out):
     assert (out / "editor" / "final" / "transformer" / "config.json").is_file()
     test_ids = [json.loads(line)["id"] for line in (out / "data" / "test.jsonl").read_text().splitlines() if line]
     assert test_ids
-    for run in ("cfg-1.0", "cfg-2.0", "copy-source"):
+    for run in ("bridge-1-steps", "bridge-2-steps", "copy-source"):
         assert all((out / "infer" / run / f"{i}.png").is_file() for i in test_ids), run
     assert (out / "eval" / "per_sample.csv").is_file()
     assert (out / "report" / "report.html").is_file()

@@ -21,7 +21,7 @@ def demo_command(
     result = run_demo(out, QUICK if quick else FULL, seed=seed)
     typer.echo(f"report: {result['report']}")
     typer.echo(f"edit-region MSE {result['edit_mse']:.4f} vs copy-the-source {result['baseline_edit_mse']:.4f} "
-               f"(ratio {result['edit_mse_ratio']:.2f}, bar <= 0.5) at cfg {result['best_cfg']}; "
+               f"(ratio {result['edit_mse_ratio']:.2f}, bar <= 0.5) with {result['best_run']}; "
                f"background PSNR {result['background_psnr']:.2f} dB (bar >= 25)")
     typer.echo(f"wall time {result['seconds']:.0f} s")
 

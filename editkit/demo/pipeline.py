@@ -6,7 +6,8 @@ Stages (each skips when its output is complete, so a re-run resumes):
 3. model   a tiny 2511 model folder around the trained VAE     -> OUT/model
 4. cache   `editkit cache`                  -> OUT/cache
 5. editor  `editkit train OUT/configs/editor.yaml` (full, from scratch) -> OUT/editor/final/transformer
-6. infer   `editkit infer` on the test split, a CFG sweep       -> OUT/infer/cfg-<value>/
+6. infer   `editkit infer` on the test split: a sweep of CFG values (flow matching) or of
+           bridge steps (LBM)                                   -> OUT/infer/<setting>/
            plus the copy-the-source baseline                    -> OUT/infer/copy-source/
 7. eval    `editkit eval` + `editkit compare` with the baseline -> OUT/eval, OUT/report/report.html
 """
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from editkit.demo.presets import DemoPreset
+from editkit.demo.presets import DemoPreset, sweep
 from editkit.errors import UserError
 from editkit.utils.atomic import atomic_dir, write_json, write_text
 from editkit.utils.progress import console
@@ -71,9 +72,7 @@ class Demo:
         return self.data / f"{split}.jsonl"
 
     def prediction_dirs(self) -> list[Path]:
-        from editkit.infer.dataset_run import cfg_folder
-
-        return [cfg_folder(self.infer, c) for c in self.preset.cfgs] + [self.infer / BASELINE]
+        return [self.infer / s.name for s in sweep(self.preset)] + [self.infer / BASELINE]
 
     # ----- the stages --------------------------------------------------------------------------
 
@@ -92,9 +91,10 @@ class Demo:
                   self.cache_done, self.make_cache),
             Stage("editor", f"editkit train {self.configs / 'editor.yaml'} --resume latest",
                   lambda: (self.transformer_dir / "config.json").is_file(), self.train_editor),
-            Stage("infer", f"editkit infer --model {self.model} --transformer {self.transformer_dir} "
-                           f"--data {self.manifest('test')} --out {self.infer} --cfg {self.cfg_text} "
-                           f"--sampler {self.sampler} --steps {p.sample_steps} --dtype fp32",
+            Stage("infer", " ; ".join(
+                      f"editkit infer --model {self.model} --transformer {self.transformer_dir} "
+                      f"--data {self.manifest('test')} --out {self.infer / 'runs' / f'steps-{n}'} --cfg {cfgs} "
+                      f"--sampler {self.sampler} --steps {n} --dtype fp32" for n, cfgs in self.infer_jobs().items()),
                   self.infer_done, self.run_infer),
             Stage("eval", f"editkit eval --pred '{self.infer}/*' --data {self.manifest('test')} --out {self.eval} "
                           f"--metrics pixel && editkit compare {self.eval} --baseline {BASELINE} "
@@ -111,9 +111,12 @@ class Demo:
     def sampler(self) -> str:
         return "bridge" if self.preset.objective == "lbm" else "flow"
 
-    @property
-    def cfg_text(self) -> str:
-        return ",".join(str(c) for c in self.preset.cfgs)
+    def infer_jobs(self) -> dict[int, str]:
+        """Sampling steps -> the CFG values run with them (one `editkit infer` each)."""
+        jobs: dict[int, list[float]] = {}
+        for s in sweep(self.preset):
+            jobs.setdefault(s.steps, []).append(s.cfg)
+        return {n: ",".join(str(c) for c in cfgs) for n, cfgs in jobs.items()}
 
     def make_data(self) -> None:
         from editkit.data.synth import synthesize
@@ -228,11 +231,19 @@ class Demo:
         from editkit.infer.engine import Engine
         from editkit.models import load_model
 
+        from editkit.infer.dataset_run import cfg_folder
+
         records = read_manifest(self.manifest("test"))
         model = load_model(str(self.model), transformer=self.transformer_dir, dtype="fp32", device="cpu")
-        config = DatasetRunConfig(cfgs=self.preset.cfgs, steps=self.preset.sample_steps, seed=self.seed,
-                                  sampler=self.sampler, batch_size=32)
-        run_dataset(Engine(model, model_name=str(self.model)), records, self.infer, config)
+        engine = Engine(model, model_name=str(self.model))
+        for setting in sweep(self.preset):
+            job = self.infer / "runs" / f"steps-{setting.steps}"
+            config = DatasetRunConfig(cfgs=[setting.cfg], steps=setting.steps, seed=self.seed,
+                                      sampler=self.sampler, batch_size=32)
+            run_dataset(engine, records, job, config)
+            link = self.infer / setting.name  # one folder name per run, as `editkit eval` names runs
+            if not link.exists():
+                link.symlink_to(cfg_folder(job, setting.cfg).relative_to(self.infer), target_is_directory=True)
         copy_sources(records, self.infer / BASELINE)
 
     def run_eval(self) -> None:
@@ -244,7 +255,7 @@ class Demo:
 
         records = read_manifest(self.manifest("test"))
         evaluate(self.prediction_dirs(), records, self.eval, ["pixel"], manifest=self.manifest("test"))
-        numbers = headline(self.eval / "summary.json", self.preset.cfgs)
+        numbers = headline(self.eval / "summary.json", [s.name for s in sweep(self.preset)])
         curves = loss_curves({"VAE stage": self.vae_run / "metrics.csv", "editor": self.editor_run / "metrics.csv"},
                              self.report_dir / "loss_curves.png")
         previews = sorted((self.editor_run / "previews").glob("*.png"))[-1:]
@@ -271,18 +282,16 @@ def copy_sources(records, folder: Path) -> None:
                 Image.open(record.sources[0]).convert("RGB").save(tmp, format="PNG")
 
 
-def headline(summary_path: Path, cfgs) -> dict:
-    """Edit-region MSE of the best CFG vs the copy-the-source baseline, and its background PSNR."""
-    from editkit.infer.dataset_run import cfg_folder
-
+def headline(summary_path: Path, names: list[str]) -> dict:
+    """Edit-region MSE of the best sweep setting vs the copy-the-source baseline, and its background PSNR."""
     runs = json.loads(summary_path.read_text())["runs"]
     base = runs[BASELINE]["means"]
-    edits = {c: runs[cfg_folder("", c).name]["means"] for c in cfgs}
-    best = min(edits, key=lambda c: edits[c]["mse_in"])
+    edits = {name: runs[name]["means"] for name in names}
+    best = min(edits, key=lambda name: edits[name]["mse_in"])
     m = edits[best]
-    return {"best_cfg": best, "edit_mse": m["mse_in"], "baseline_edit_mse": base["mse_in"],
+    return {"best_run": best, "edit_mse": m["mse_in"], "baseline_edit_mse": base["mse_in"],
             "edit_mse_ratio": m["mse_in"] / base["mse_in"], "background_psnr": m["psnr_out"],
-            "per_cfg": {str(c): {"edit_mse": e["mse_in"], "background_psnr": e["psnr_out"]} for c, e in edits.items()}}
+            "per_run": {name: {"edit_mse": e["mse_in"], "background_psnr": e["psnr_out"]} for name, e in edits.items()}}
 
 
 def check_out(out: Path, preset: DemoPreset) -> None:

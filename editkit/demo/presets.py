@@ -27,8 +27,9 @@ class DemoPreset:
     edit_batch: int = 32
     edit_lr: float = 1e-3
     text_dropout: float = 0.1
-    sample_steps: int = 2  # bridge (LBM) or flow steps at inference
-    cfgs: tuple[float, ...] = (1.0, 2.0, 4.0)
+    sample_steps: int = 8  # flow-matching steps at inference (each CFG value of the sweep)
+    cfgs: tuple[float, ...] = (1.0, 2.5, 4.0)  # the sweep of a flow-matching editor
+    bridge_steps: tuple[int, ...] = (1, 2, 4)  # the sweep of an LBM editor (its bridge sampler has no CFG)
     checkpoint_every: int = 200
 
     def as_dict(self) -> dict:
@@ -43,5 +44,21 @@ QUICK = DemoPreset(
     name="quick", samples=40, image_size=32,
     vae={**_VAE, "base_dim": 8},
     vae_steps=15, vae_batch=8, width=64, depth=2, edit_steps=40, edit_batch=8, edit_lr=2e-3,
-    cfgs=(1.0, 2.0), checkpoint_every=20,
+    bridge_steps=(1, 2), checkpoint_every=20,
 )
+
+
+@dataclass(frozen=True)
+class InferSetting:
+    """One point of the inference sweep: its run (folder) name, CFG scale and sampling steps."""
+
+    name: str
+    cfg: float
+    steps: int
+
+
+def sweep(preset: DemoPreset) -> list[InferSetting]:
+    """Bridge steps for an LBM editor, CFG values for a flow-matching one."""
+    if preset.objective == "lbm":
+        return [InferSetting(f"bridge-{n}-steps", 1.0, n) for n in preset.bridge_steps]
+    return [InferSetting(f"cfg-{float(c)}", float(c), preset.sample_steps) for c in preset.cfgs]

@@ -52,11 +52,11 @@ def headline_html(headline: dict, objective: str) -> str:
     psnr_ok = headline["background_psnr"] >= BACKGROUND_PSNR_BAR
     mark = {True: "met", False: "NOT met"}
     rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{v['edit_mse']:.4f}</td><td>{v['background_psnr']:.2f}</td></tr>"
-                   for c, v in headline["per_cfg"].items())
-    return (f"<p>Editor trained with <b>{html.escape(objective)}</b>; no mask fusion; best CFG "
-            f"{headline['best_cfg']}.</p><ul>"
+                   for c, v in headline["per_run"].items())
+    return (f"<p>Editor trained with <b>{html.escape(objective)}</b>; no mask fusion; best setting "
+            f"{html.escape(headline['best_run'])}.</p><ul>"
             f"<li>Edit-region MSE {headline['edit_mse']:.4f} vs copy-the-source {headline['baseline_edit_mse']:.4f}: "
             f"ratio <b>{headline['edit_mse_ratio']:.2f}</b> (bar &le; {EDIT_MSE_BAR}: {mark[ratio_ok]})</li>"
             f"<li>Background PSNR outside the mask <b>{headline['background_psnr']:.2f} dB</b> "
             f"(bar &ge; {BACKGROUND_PSNR_BAR:g} dB: {mark[psnr_ok]})</li></ul>"
-            f"<table><tr><th>CFG</th><th>edit-region MSE</th><th>background PSNR (dB)</th></tr>{rows}</table>")
+            f"<table><tr><th>run</th><th>edit-region MSE</th><th>background PSNR (dB)</th></tr>{rows}</table>")
