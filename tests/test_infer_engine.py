@@ -53,11 +53,12 @@ def test_seed_decides_the_noise(engine):
     assert np.array_equal(pixels(a), pixels(b)) and not np.array_equal(pixels(a), pixels(c))
 
 
-def test_pixel_fusion_keeps_the_source_outside_the_mask(engine):
+@pytest.mark.parametrize("mode", ["pixel-mask", "latent+pixel-mask"])
+def test_pixel_fusion_keeps_the_source_outside_the_mask(engine, mode):
     src = noise_image(4, (64, 64))
     mask = Image.new("L", (64, 64), 0)
     ImageDraw.Draw(mask).rectangle((24, 24, 39, 39), fill=255)
-    out = engine.edit([EditRequest("blue", [src], steps=2, mask=mask, fusion="pixel-mask", feather=2)])[0]
+    out = engine.edit([EditRequest("blue", [src], steps=2, mask=mask, fusion=mode, feather=2)])[0]
     far = np.ones((64, 64), bool)
     far[24 - 7:40 + 7, 24 - 7:40 + 7] = False
     assert np.array_equal(pixels(out)[far], pixels(src)[far])

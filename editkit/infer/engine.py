@@ -168,7 +168,7 @@ class Engine:
         inputs = model.prepare([r.prompt for r in reqs], [r.images for r in reqs], width, height,
                                [r.negative_prompt for r in reqs] if first.sampler == "flow" else None)
         seeds = [r.seed for r in reqs]
-        needs_source = first.sampler == "bridge" or any(r.fusion == "latent-mask" for r in reqs)
+        needs_source = first.sampler == "bridge" or any(r.fusion in fusion_ops.LATENT_MODES for r in reqs)
         source = self._source_latents(reqs, width, height) if needs_source else None
         if first.sampler == "flow":
             noise = sampler.initial_noise(model, width, height, seeds, inputs.prompt_embeds.dtype)
@@ -191,11 +191,11 @@ class Engine:
     def _masked(self, reqs: list[EditRequest], width: int, height: int, background_velocity: torch.Tensor):
         """The model, or (for latent-mask requests) a view whose velocity outside the mask is
         `background_velocity` — the velocity that keeps those latents on the source's path."""
-        if not any(r.fusion == "latent-mask" for r in reqs):
+        if not any(r.fusion in fusion_ops.LATENT_MODES for r in reqs):
             return self.model
         latent_hw = self.model.latent_size(width, height)
         channels = self.model.latent_channels
-        weights = [fusion_ops.latent_mask(r.mask, latent_hw) if r.fusion == "latent-mask"
+        weights = [fusion_ops.latent_mask(r.mask, latent_hw) if r.fusion in fusion_ops.LATENT_MODES
                    else torch.ones(latent_hw) for r in reqs]
         weight = torch.stack(weights)[:, None].expand(-1, channels, -1, -1)
         packed_weight = self.model.pack(weight.contiguous()).to(background_velocity)
@@ -203,7 +203,7 @@ class Engine:
 
     @staticmethod
     def _fuse_pixels(req: EditRequest, image: Image.Image) -> Image.Image:
-        if req.fusion == "pixel-mask":
+        if req.fusion in fusion_ops.PIXEL_MODES:
             return fusion_ops.paste_background(image, req.images[0], req.mask, req.feather)
         return image
 

@@ -14,7 +14,7 @@ Modes:
   of the true background. The mask is downsampled to the latent grid by area: a latent is "edit"
   in proportion to its pixels, which softens the seam by one latent (8 pixels); latents without
   edit pixels follow the source exactly. The decoded background is the VAE's reconstruction of
-  the source, not the source pixels: combine with ``pixel-mask`` for exact pixels.
+  the source, not the source pixels: ``latent+pixel-mask`` does both, for exact pixels.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-FUSION_MODES = ("off", "pixel-mask", "latent-mask")
+FUSION_MODES = ("off", "pixel-mask", "latent-mask", "latent+pixel-mask")
+LATENT_MODES = ("latent-mask", "latent+pixel-mask")
+PIXEL_MODES = ("pixel-mask", "latent+pixel-mask")
 
 
 def check_mode(mode: str) -> str:
