@@ -42,7 +42,7 @@ FULL = DemoPreset(name="full", samples=1000, image_size=32, vae=_VAE)
 
 QUICK = DemoPreset(
     name="quick", samples=40, image_size=32,
-    vae={**_VAE, "base_dim": 8},
+    vae={**_VAE, "base_dim": 8, "stats_batches": 2},
     vae_steps=15, vae_batch=8, width=64, depth=2, edit_steps=40, edit_batch=8, edit_lr=2e-3,
     bridge_steps=(1, 2), checkpoint_every=20,
 )
