@@ -16,14 +16,14 @@ class DemoPreset:
     samples: int  # synthetic samples, split 80/10/10 into train/val/test
     image_size: int  # side of the square images (pixels)
     vae: dict = field(default_factory=dict)  # the `vae` stage's architecture and loss (editkit.train.config.VaeStage)
-    vae_steps: int = 1000
+    vae_steps: int = 1200
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_betas: tuple[float, float] = (0.9, 0.99)  # a short beta2 memory leaves the colour plateau sooner
     width: int = 128  # editor transformer: heads x 32
     depth: int = 4
     objective: str = "lbm"  # lbm | flow_matching
-    edit_steps: int = 600
+    edit_steps: int = 1000
     edit_batch: int = 32
     edit_lr: float = 1e-3
     text_dropout: float = 0.1
