@@ -76,8 +76,8 @@ def test_lora_convert_and_inspect(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["edit", "--image", "missing.png", "--prompt", "x", "--out", "o.png"], "missing.png: image file not found"),
-    (["edit", "--image", "{image}", "--prompt", "x", "--out", "o.png", "--lora", "{image}:strong"], "not a number"),
+    (["edit", "--model", "tiny", "--image", "missing.png", "--prompt", "x", "--out", "o.png"], "missing.png: image file not found"),
+    (["edit", "--model", "tiny", "--image", "{image}", "--prompt", "x", "--out", "o.png", "--lora", "{image}:strong"], "not a number"),
     (["lora", "convert", "{image}", "out.safetensors"], "cannot read the LoRA"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, image, args, message):

@@ -69,7 +69,7 @@ def edit_command(
     image: Annotated[list[Path], typer.Option("--image", help="Source image (repeat for several).")],
     prompt: Annotated[str, typer.Option("--prompt", help="The edit instruction.")],
     out: Annotated[Path, typer.Option("--out", help="Output PNG (settings stored in its text chunk).")],
-    model: ModelOpt = "tiny",
+    model: ModelOpt,
     negative: NegativeOpt = " ",
     cfg: Annotated[float, typer.Option("--cfg", help="True CFG scale (1 turns CFG off).")] = 4.0,
     steps: StepsOpt = 40,
@@ -104,7 +104,7 @@ def edit_command(
 
 def chat_command(
     image: Annotated[list[Path], typer.Option("--image", help="Image to edit (more: reference images kept every turn).")],
-    model: ModelOpt = "tiny",
+    model: ModelOpt,
     save: Annotated[Optional[Path], typer.Option("--save", help="Session folder (default chat-<time>); rewritten after every turn.")] = None,
     negative: NegativeOpt = " ",
     cfg: Annotated[float, typer.Option("--cfg", help="True CFG scale.")] = 4.0,
@@ -168,7 +168,7 @@ def chat_command(
 def infer_command(
     data: Annotated[Path, typer.Option("--data", help="Manifest (.json/.jsonl/.csv) or dataset folder.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: cfg-<value>/<id>.png per CFG value.")],
-    model: ModelOpt = "tiny",
+    model: ModelOpt,
     cfg: Annotated[str, typer.Option("--cfg", help="CFG values, comma-separated: one output folder each.")] = "4",
     steps: StepsOpt = 40,
     seed: SeedOpt = 0,
