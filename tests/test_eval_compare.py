@@ -63,6 +63,15 @@ def test_plots_are_written(evaluated):
             assert img.size[0] > 200
 
 
+def test_no_cfg_plot_when_runs_share_one_cfg(tmp_path):
+    manifest, records = make_dataset(tmp_path / "data", n=4)
+    for name, seed in (("steps-1-cfg-1", 1), ("steps-2-cfg-1", 2)):
+        make_predictions(tmp_path / "runs" / name, records, noise=0.05, seed=seed)
+    evaluate(sorted((tmp_path / "runs").iterdir()), records, tmp_path / "eval", ["pixel"], show_progress=False)
+    compare_runs([tmp_path / "eval"], tmp_path / "cmp", n_boot=100)
+    assert not list((tmp_path / "cmp").rglob("*_vs_cfg.png"))
+
+
 def test_report_is_one_file_with_every_run(evaluated):
     root, first, second, out, result = evaluated
     page = (out / "report.html").read_text()

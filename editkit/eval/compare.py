@@ -148,7 +148,7 @@ def make_plots(plot_dir: Path, result: dict) -> list[Path]:
     paths = []
     key = _key_metrics(result["metrics"])[:4]
     with_cfg = [r for r in result["runs"] if result["results"][r]["cfg"] is not None]
-    if len(with_cfg) >= 2:
+    if len({result["results"][r]["cfg"] for r in with_cfg}) >= 2:  # a sweep, not runs at one CFG
         for metric in key:
             points = []
             for run in with_cfg:
