@@ -21,7 +21,7 @@ from editkit.data.manifest import write_manifest
 from editkit.data.records import EditRecord
 from editkit.errors import UserError
 from editkit.utils.atomic import atomic_path
-from editkit.utils.progress import console, track
+from editkit.utils.progress import console, parallel_map
 from editkit.utils.runinfo import write_run_manifest
 
 
@@ -110,15 +110,7 @@ def build_dataset(records: list[EditRecord], out: str | os.PathLike, area: int |
             raise UserError(f"record id {record.id!r} cannot be a folder name; ids must not contain '/'")
     opts = BuildOptions(out.resolve(), area, multiple)
     jobs = [(r, opts) for r in records]
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing as mp
-
-        with mp.Pool(workers) as pool:
-            results = list(track(pool.imap(build_record, jobs, chunksize=4), "building", total=len(jobs),
-                                 unit="records", disable=not progress))
-    else:
-        results = list(track(map(build_record, jobs), "building", total=len(jobs), unit="records",
-                             disable=not progress))
+    results = parallel_map(build_record, jobs, "building", "records", workers, chunksize=4, disable=not progress)
     built = [r for r, _, _ in results if r is not None]
     failed = [msg for _, msg, _ in results if msg]
     skipped = sum(1 for _, _, s in results if s)

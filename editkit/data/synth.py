@@ -21,7 +21,7 @@ from editkit.data.formats import write_table
 from editkit.data.records import EditRecord
 from editkit.errors import UserError
 from editkit.utils.atomic import atomic_dir
-from editkit.utils.progress import track
+from editkit.utils.progress import parallel_map
 from editkit.utils.runinfo import write_run_manifest
 
 COLORS = {  # name: (rgb, Chinese)
@@ -225,14 +225,7 @@ def synthesize(out_dir: str | Path, n: int = 1000, size: int = 64, seed: int = 0
     with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
         jobs = [(seed, i, size, tmp) for i in range(n)]
-        if workers > 1:
-            import multiprocessing as mp
-
-            with mp.Pool(workers) as pool:
-                records = list(track(pool.imap(_write_sample, jobs, chunksize=32), "synth", total=n,
-                                     unit="samples", disable=not progress))
-        else:
-            records = list(track(map(_write_sample, jobs), "synth", total=n, unit="samples", disable=not progress))
+        records = parallel_map(_write_sample, jobs, "synth", "samples", workers, chunksize=32, disable=not progress)
         for name in SPLITS:
             write_table([r for r, s in zip(records, split) if s == name], tmp / f"{name}.jsonl", "pairs")
         _preview(records, tmp / "preview.png")

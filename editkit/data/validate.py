@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from editkit.data.formats import SCHEMAS, column_name
 from editkit.data.manifest import detect_format, parse_manifest
 from editkit.data.records import EditRecord
-from editkit.utils.progress import track
+from editkit.utils.progress import parallel_map
 
 _WHERE = re.compile(r"^(.*?)(?::(\d+)|\[(\d+)\])$")
 
@@ -102,15 +102,9 @@ def _place(where: str) -> tuple[str, int]:
 def _image_problems(good: list[tuple[str, EditRecord]], names: dict[str, str], workers: int,
                     progress: bool) -> list[Problem]:
     unique = sorted({p for _, r in good for _, p in _image_fields(r, names)})
-    if workers > 1 and len(unique) > 64:
-        import multiprocessing as mp
-
-        with mp.Pool(workers) as pool:
-            results = list(track(pool.imap(check_image, unique, chunksize=16), "checking images", total=len(unique),
-                                 unit="images", disable=not progress))
-    else:
-        results = list(track(map(check_image, unique), "checking images", total=len(unique), unit="images",
-                             disable=not progress))
+    pool_workers = workers if len(unique) > 64 else 1  # a pool costs more than checking a few images
+    results = parallel_map(check_image, unique, "checking images", "images", pool_workers, chunksize=16,
+                           disable=not progress)
     checked = dict(zip(unique, results))
     problems = []
     for where, record in good:

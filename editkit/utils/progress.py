@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 from rich.console import Console
@@ -17,6 +17,7 @@ from rich.progress import (
 )
 
 T = TypeVar("T")
+R = TypeVar("R")
 console = Console(stderr=True)
 
 
@@ -61,3 +62,14 @@ def track(items: Iterable[T], description: str, total: int | None = None, unit: 
         for item in items:
             yield item
             progress.advance(task)
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], description: str, unit: str = "it",
+                 workers: int = 1, chunksize: int = 1, disable: bool = False) -> list[R]:
+    """[fn(x) for x in items], in order, on a process pool when workers > 1, with a progress bar."""
+    if workers > 1 and len(items) > 1:
+        import multiprocessing as mp
+
+        with mp.Pool(workers) as pool:
+            return list(track(pool.imap(fn, items, chunksize=chunksize), description, len(items), unit, disable))
+    return list(track(map(fn, items), description, len(items), unit, disable))
