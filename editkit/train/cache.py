@@ -161,16 +161,25 @@ class CacheReader:
 
 def build_cache(model_spec: str, manifest: str | Path, out_dir: str | Path, area: int, multiple: int = 32,
                 max_ratio: float = 4.0, family: str | None = None, dtype: str = "bf16", device: str | None = None,
-                shard_records: int = 64, progress: bool = True, model=None, **model_kwargs) -> dict:
-    """Encode every record of `manifest` (this rank's share) into `out_dir`; skips what is done."""
+                shard_records: int = 64, progress: bool = True, model=None, batch_size: int = 16,
+                **model_kwargs) -> dict:
+    """Encode every record of `manifest` (this rank's share) into `out_dir`; skips what is done.
+
+    Records of one shape key (target bucket, source sizes) are encoded `batch_size` at a time
+    (`editkit.train.samples.encode_records`: one VLM pass for all their texts, one VAE pass per
+    latent kind); batch_size=1 is the one-record-at-a-time path. The tensors are the same either
+    way within float rounding.
+    """
     from editkit.data import read_manifest
     from editkit.data.images import make_buckets
     from editkit.models import load_model
-    from editkit.train.samples import encode_record, sample_key, white_latents
+    from editkit.train.samples import encode_records, sample_key, white_latents
     from editkit.utils.dist import rank, shard
-    from editkit.utils.progress import track
+    from editkit.utils.progress import make_progress
     from editkit.utils.runinfo import write_run_manifest
 
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: give a number of records of at least 1")
     out = Path(out_dir)
     records = read_manifest(manifest)
     if model is None:
@@ -189,10 +198,18 @@ def build_cache(model_spec: str, manifest: str | Path, out_dir: str | Path, area
     mine = shard(records)
     todo = [r for r in mine if not writer.done(r.id)]
     skipped = len(mine) - len(todo)
-    for record in track(todo, f"cache (rank {rank()}, {skipped} done before)", unit="records", disable=not progress):
-        key = sample_key(model, record, buckets)
-        writer.add(record.id, key, encode_record(model, record, key[0]))
-        if not writer.has_white(key[0]):
-            writer.add_white(key[0], white_latents(model, key[0]))
+    groups: dict[tuple, list] = {}  # shape key -> its records, in manifest order
+    for record in todo:
+        groups.setdefault(sample_key(model, record, buckets), []).append(record)
+    with make_progress("records", disable=not progress) as bar:
+        task = bar.add_task(f"cache (rank {rank()}, {skipped} done before)", total=len(todo), status="")
+        for key, group in groups.items():
+            for i in range(0, len(group), batch_size):
+                chunk = group[i : i + batch_size]
+                for record, tensors in zip(chunk, encode_records(model, chunk, key[0])):
+                    writer.add(record.id, key, tensors)
+                if not writer.has_white(key[0]):
+                    writer.add_white(key[0], white_latents(model, key[0]))
+                bar.advance(task, len(chunk))
     writer.flush()
     return {"records": len(todo), "skipped": skipped, "out": str(out)}

@@ -45,6 +45,8 @@ def cache(
     family: Optional[str] = typer.Option(None, "--family", help="Model family if the folder does not say."),
     dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
     shard_records: int = typer.Option(64, "--shard-records", help="Records per safetensors shard."),
+    batch_size: int = typer.Option(16, "--batch-size",
+                                   help="Records of one shape encoded together (VLM and VAE); 1 = one at a time."),
     vae_image_size: Optional[int] = typer.Option(None, "--vae-image-size", help="Side of the VAE view of sources."),
     vlm_image_size: Optional[int] = typer.Option(None, "--vlm-image-size", help="Side of the VLM view of sources."),
 ) -> None:
@@ -62,7 +64,8 @@ def cache(
     from editkit.train.cache import build_cache
 
     result = build_cache(model, data, out, area, multiple, family=family, dtype=dtype,
-                         shard_records=shard_records, vae_image_size=vae_image_size, vlm_image_size=vlm_image_size)
+                         shard_records=shard_records, batch_size=batch_size, vae_image_size=vae_image_size,
+                         vlm_image_size=vlm_image_size)
     typer.echo(f"cached {result['records']} records ({result['skipped']} already done) in {result['out']}")
 
 

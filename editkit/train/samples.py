@@ -1,7 +1,8 @@
 """One training sample: what the cache stores per record, and how samples become a batch.
 
-`encode_record` runs the EditModel facade once per record — the same function feeds the cache
-and online training, so both train on identical tensors. A sample is a flat dict of tensors:
+`encode_record` runs the EditModel facade once per record (online training); `encode_records`
+is its batched form for records of one shape key (the cache), equal within float rounding, so
+both train on the same tensors. A sample is a flat dict of tensors:
 - `embeds.<variant>` (L, D): VLM embeddings of the instruction with the record's source images,
   variants `en`, `cn`, `empty` (empty text, for CFG dropout) and `inverse`, `inverse_cn`
   (the inverse instruction with the target image as the picture);
@@ -84,11 +85,64 @@ def encode_record(model, record: EditRecord, bucket: Size) -> dict[str, torch.Te
         embeds, mask = model.encode_prompt(list(inverse.values()), [[target]] * len(inverse))
         out.update({f"embeds.{n}": e for n, e in zip(inverse, _strip(embeds, mask))})
     if record.mask is not None:
-        m = resize_to_bucket(load_mask(record.mask), bucket, Image.Resampling.NEAREST)
-        pixels = torch.frombuffer(bytearray(m.tobytes()), dtype=torch.uint8).view(1, 1, h, w).float() / 255
-        out["mask"] = F.interpolate(pixels.to(out["target"].device), size=tuple(out["target"].shape[-2:]),
-                                    mode="area")[0]
+        out["mask"] = _mask_latents(record, bucket, tuple(out["target"].shape[-2:]), out["target"].device)
     return {k: v.cpu() for k, v in out.items()}  # batches are assembled on the CPU, as from the cache
+
+
+def _mask_latents(record: EditRecord, bucket: Size, latent_hw: tuple[int, int], device) -> torch.Tensor:
+    w, h = bucket
+    m = resize_to_bucket(load_mask(record.mask), bucket, Image.Resampling.NEAREST)
+    pixels = torch.frombuffer(bytearray(m.tobytes()), dtype=torch.uint8).view(1, 1, h, w).float() / 255
+    return F.interpolate(pixels.to(device), size=latent_hw, mode="area")[0]
+
+
+@torch.no_grad()
+def encode_records(model, records: list[EditRecord], bucket: Size) -> list[dict[str, torch.Tensor]]:
+    """`encode_record` of each record, batched: one VAE pass per latent kind, one VLM pass for all texts.
+
+    The records must share a shape key (`sample_key`: target bucket and source VAE sizes), as the
+    cache groups them. The tensors equal `encode_record`'s within float rounding (padding the
+    prompts of a batch to one length and batched convolutions change the summation order only);
+    tests/test_cache_batched.py checks it.
+    """
+    if not records:
+        return []
+    w, h = bucket
+    targets = [resize_to_bucket(load_image(r.target), bucket) for r in records]
+    sources = [[load_image(p) for p in r.sources] for r in records]
+    outs: list[dict[str, torch.Tensor]] = [{} for _ in records]
+
+    def put(name: str, latents: torch.Tensor, which: list[int]) -> None:
+        for i, lat in zip(which, latents):
+            outs[i][name] = lat.clone()
+
+    put("target", model.encode_images(targets, w, h), list(range(len(records))))
+    n_src = {len(s) for s in sources}
+    if len(n_src) != 1:
+        raise ValueError("encode_records: the records must share a shape key (the same number of sources)")
+    for j in range(n_src.pop()):
+        sw, sh = model.vae_size(sources[0][j])
+        put(f"source.{j}", model.encode_images([s[j] for s in sources], sw, sh), list(range(len(records))))
+    if sources[0]:
+        put("bridge_source", model.encode_images([resize_to_bucket(s[0], bucket) for s in sources], w, h),
+            list(range(len(records))))
+    # every text of every record in one VLM pass: en, empty, cn with the sources; inverse(_cn) with the target
+    prompts: list[tuple[int, str, str, list]] = []
+    for i, r in enumerate(records):
+        texts = {"en": r.instruction, "empty": ""}
+        if r.instruction_cn:
+            texts["cn"] = r.instruction_cn
+        prompts += [(i, n, t, sources[i]) for n, t in texts.items()]
+        prompts += [(i, n, t, [targets[i]]) for n, t in (("inverse", r.inverse_instruction),
+                                                         ("inverse_cn", r.inverse_instruction_cn)) if t]
+    embeds, mask = model.encode_prompt([p[2] for p in prompts], [p[3] for p in prompts])
+    for (i, name, _, _), e in zip(prompts, _strip(embeds, mask)):
+        outs[i][f"embeds.{name}"] = e
+    latent_hw = tuple(outs[0]["target"].shape[-2:])
+    for i, r in enumerate(records):
+        if r.mask is not None:
+            outs[i]["mask"] = _mask_latents(r, bucket, latent_hw, outs[i]["target"].device)
+    return [{k: v.cpu() for k, v in out.items()} for out in outs]
 
 
 @torch.no_grad()
