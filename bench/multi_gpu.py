@@ -482,13 +482,14 @@ def infer_table(rows: list[dict]) -> str:
 
 
 def train_config(model: str, cache: str, out: str | Path, steps: int = 10, rank: int = 64, area: int = 1024 * 1024,
-                 multiple: int = 32, output_dir: str = "runs/multi-gpu-train", tensorboard: str = "auto") -> dict:
+                 multiple: int = 32, output_dir: str = "runs/multi-gpu-train", tensorboard: str = "auto",
+                 overrides: list[str] | None = None) -> dict:
     """Write (and validate) the training YAML of the scaling runs; returns the raw config."""
     import importlib.util
 
     import yaml
 
-    from editkit.train.config import validate_config
+    from editkit.train.config import apply_overrides, validate_config
     from editkit.utils.atomic import write_text
 
     if steps <= SKIP_STEPS:
@@ -512,6 +513,7 @@ def train_config(model: str, cache: str, out: str | Path, steps: int = 10, rank:
                  "keep_last": 1, "log_every": 1, "validate_every": 0, "preview_every": 0, "tensorboard": tb,
                  "export_lora": False},
     }
+    raw = apply_overrides(raw, overrides or [])  # e.g. train.compile=true on a trainer that has it
     validate_config(raw, str(out))
     header = ("# bench/multi_gpu.py train-config: LoRA r{rank} on DiffSynth's default targets, batch 1, gradient\n"
               "# checkpointing, {steps} steps from {cache}. One run per world size (give each its own output_dir):\n"
@@ -695,6 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--multiple", type=int, default=32, help="the cache's --multiple")
     s.add_argument("--output-dir", default="runs/multi-gpu-train", help="default run folder (override per run)")
     s.add_argument("--tensorboard", choices=("auto", "on", "off"), default="auto")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra dotted config setting, e.g. train.compile=true (repeatable)")
 
     s = sub.add_parser("summary-train", help="steps/s and samples/s of training runs, speed-up vs 1 GPU.")
     s.add_argument("runs", nargs="+")
@@ -721,7 +725,7 @@ def main(argv: list[str] | None = None):
         return rows
     if args.command == "train-config":
         return train_config(args.model, args.cache, args.out, args.steps, args.rank, args.area, args.multiple,
-                            args.output_dir, args.tensorboard)
+                            args.output_dir, args.tensorboard, args.set)
     if args.command == "summary-train":
         timings = [train_run_timing(r, args.skip) for r in args.runs]
         print(train_table(timings))

@@ -130,11 +130,14 @@ def test_train_config_and_summary_train_timing_sources(tmp_path, capsys):
 
     cfg_path = tmp_path / "cfg.yaml"
     multi_gpu.main(["train-config", "--model", "/models/x", "--cache", "/tmp/cache", "--out", str(cfg_path),
-                    "--steps", "12", "--tensorboard", "off"])
+                    "--steps", "12", "--tensorboard", "off", "--set", "optim.lr=2e-4"])
     cfg = load_config(cfg_path, [f"output_dir={tmp_path / 'r'}"])
     assert cfg.train.mode == "lora" and cfg.train.lora.rank == 64 and cfg.train.lora.targets == "default"
     assert cfg.train.gradient_checkpointing and cfg.data.batch_size == 1 and cfg.data.cache == ["/tmp/cache"]
     assert cfg.loop.max_steps == 12 and cfg.loop.grad_accum == 1 and not cfg.loop.tensorboard
+    assert cfg.optim.lr == 2e-4
+    with pytest.raises(UserError, match="unknown field"):
+        multi_gpu.train_config("m", "c", tmp_path / "x.yaml", overrides=["train.nope=1"])
     with pytest.raises(UserError, match="--steps"):
         multi_gpu.train_config("m", "c", tmp_path / "x.yaml", steps=2)
 
