@@ -63,10 +63,13 @@ def transformer_of(model) -> torch.nn.Module:
     return getattr(model, "transformer", model)
 
 
-def pick_attention_backend(device: torch.device | str | None = None) -> str | None:
-    """cuDNN attention on CUDA GPUs of compute capability 9.0 or newer, else None (diffusers' default)."""
+def pick_attention_backend(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str | None:
+    """cuDNN attention on CUDA GPUs of compute capability 9.0 or newer for 16-bit weights, else None
+    (diffusers' default; cuDNN attention has no float32 kernel)."""
     device = torch.device(device) if device is not None else None
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
         return None
     major, _ = torch.cuda.get_device_capability(device)
     return "_native_cudnn" if major >= 9 else None
@@ -76,7 +79,10 @@ def set_attention(model, backend: str | None) -> str | None:
     """Route every attention call of the transformer through `backend` ("auto", a diffusers name, None)."""
     transformer = transformer_of(model)
     if backend == "auto":
-        backend = pick_attention_backend(next(transformer.parameters()).device)
+        weight = next((p for n, p in transformer.named_parameters()  # the base weight, also under a LoRA
+                       if n.endswith(("attn.to_q.weight", "attn.to_q.base_layer.weight"))), None)
+        weight = weight if weight is not None else next(transformer.parameters())
+        backend = pick_attention_backend(weight.device, weight.dtype)
     if backend is None:
         transformer.reset_attention_backend()
     else:

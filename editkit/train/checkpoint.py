@@ -4,13 +4,17 @@ A checkpoint folder `checkpoints/step-000123/` holds
 - `trainable.safetensors`: the trainable weights (LoRA or full), names as in the unwrapped model;
 - `optimizer.pt`, `scheduler.pt`: their state dicts (torch.save; read with weights_only=True);
 - `rng.pt`: the RNG states of every rank (python, numpy, torch CPU/CUDA, the trainer's generator);
-- `state.json`: step, the data sampler's position and anything else the trainer records.
-The folder is written beside its final name and renamed (utils.atomic.atomic_dir), so a killed
-run leaves only complete checkpoints.
+- `state.json`: step, the data sampler's position and anything else the trainer records;
+- `optimizer_shards/` (sharded runs only, FSDP2 / DeepSpeed): every rank's part of the optimiser
+  state, written by all ranks (editkit.train.sharded); `optimizer.pt` is then empty.
+The folder is written beside its final name and renamed (utils.atomic), so a killed run leaves
+only complete checkpoints. Sharded runs fill the staging folder `.staging-step-NNNNNN` from every
+rank first; the main process adds the rest and renames it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -22,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from editkit.errors import UserError
-from editkit.utils.atomic import atomic_dir
+from editkit.utils.atomic import atomic_dir, replace_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -68,13 +72,14 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 def save_checkpoint(root: str | Path, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict,
                     scheduler_state: dict, rng_states: list[dict], state: dict, keep_last: int,
-                    extra_files: dict[str, callable] | None = None) -> Path:
+                    extra_files: dict[str, callable] | None = None, staging: Path | None = None) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep_last`.
 
     extra_files maps a file name to a function that writes it given its path (LoRA exports).
+    staging: a folder (staging_dir) other ranks have already written their parts into.
     """
     dest = Path(root) / f"step-{step:06d}"
-    with atomic_dir(dest) as tmp:
+    with (_staged(staging, dest) if staging is not None else atomic_dir(dest)) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler_state, tmp / "scheduler.pt")
@@ -85,6 +90,28 @@ def save_checkpoint(root: str | Path, step: int, trainable: dict[str, torch.Tens
     for old in step_dirs(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def staging_dir(root: str | Path, step: int) -> Path:
+    """Where every rank of a sharded run writes its part of checkpoint `step` before the rename."""
+    return Path(root) / f".staging-step-{step:06d}"
+
+
+@contextlib.contextmanager
+def _staged(staging: Path, dest: Path):
+    try:
+        yield staging
+        replace_dir(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(root: str | Path) -> None:
+    """Drop what a run killed while saving left behind."""
+    root = Path(root)
+    if root.is_dir():
+        for stale in root.glob(".staging-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -115,7 +115,7 @@ def load_edit_model(cfg: TrainConfig, device):
 
     model = load_model(cfg.model, family=cfg.family, transformer=cfg.transformer,
                        dtype="bf16" if cfg.loop.mixed_precision == "bf16" else "fp32", device=str(device))
-    if cfg.train.mode == "full":
+    if cfg.train.mode == "full" and cfg.train.trainable_dtype == "fp32":
         torch.nn.Module.to(model.transformer, dtype=torch.float32)
     return model
 
@@ -143,9 +143,14 @@ class EditTask:
         self.info = setup_trainable(self.model.transformer, cfg.train)
         if cfg.data.cache and not self._needs_encoders():
             self.model.text_encoder = self.model.vae = None  # the cache replaces them; free the memory
+        dtype = torch.float32 if cfg.train.trainable_dtype == "fp32" else torch.bfloat16
         for p in self.model.transformer.parameters():
             if p.requires_grad:
-                p.data = p.data.float()
+                p.data = p.data.to(dtype)
+        if cfg.train.compile:
+            from editkit.models import accel
+
+            accel.accelerate(self.model, accel.Accel(split_lengths=False))
         self.module = self.model.transformer
 
     def _needs_encoders(self) -> bool:
@@ -269,16 +274,31 @@ class EditTask:
 
     def export(self, transformer, folder: Path, step: int) -> list[Path]:
         """Weights in deployable form: LoRA files in three layouts, or the full transformer folder."""
-        from editkit.models.lora import save_lora
-
         if self.cfg.train.mode == "full":
             transformer.save_pretrained(folder / "transformer")
             return [folder / "transformer"]
-        sd = self.lora_state_dict(transformer)
+        extra = {n: p for n, p in transformer.named_parameters() if p.requires_grad and ".lora_" not in n}
+        return self._export_lora(self.lora_state_dict(transformer), extra, folder, step)
+
+    def export_gathered(self, trainable: dict[str, torch.Tensor], folder: Path, step: int) -> list[Path] | None:
+        """export() from the gathered trainable weights of a sharded run (FSDP2 / DeepSpeed), whose
+        module holds only shards. LoRA runs only: a full transformer needs its frozen weights too."""
+        if self.cfg.train.mode == "full":
+            return None
+        lora = self.cfg.train.lora
+        alpha = float(lora.alpha if lora.alpha is not None else lora.rank)
+        sd = {k.replace(".default.", "."): v for k, v in trainable.items() if ".lora_" in k}  # peft's adapter name
+        for name in {k.rsplit(".lora_", 1)[0] for k in sd}:
+            sd[f"{name}.alpha"] = torch.tensor(alpha)
+        extra = {k: v for k, v in trainable.items() if ".lora_" not in k}
+        return self._export_lora(sd, extra, folder, step)
+
+    def _export_lora(self, sd: dict, extra: dict, folder: Path, step: int) -> list[Path]:
+        from editkit.models.lora import save_lora
+
         meta = {"base_model": self.cfg.model, "family": self.model.family.name, "step": step}
         paths = [save_lora(folder / name, sd, layout, meta) for layout, name in LORA_FILES.items()]
-        extra = {n: p.detach().cpu().contiguous() for n, p in transformer.named_parameters()
-                 if p.requires_grad and ".lora_" not in n}
+        extra = {n: p.detach().cpu().contiguous() for n, p in extra.items()}
         if extra:  # modules unfrozen with train.unfreeze, under their transformer names
             from safetensors.torch import save_file
 

@@ -22,6 +22,7 @@ import torch
 
 from editkit.errors import UserError
 from editkit.train import checkpoint as ckpt
+from editkit.train import sharded as shard
 from editkit.train.config import TrainConfig
 from editkit.train.optim import build_optimizer, build_schedule, clips_gradients, eval_mode, train_mode
 from editkit.train.trainable import load_trainable_state_dict, trainable_state_dict
@@ -100,6 +101,8 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
     task = build_task(cfg, accelerator)
     module = task.module
     state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
+    if accelerator.is_main_process:
+        ckpt.remove_stale_staging(ckpt_root)
     if state is not None:  # weights go in before accelerate wraps (and, under FSDP, shards) the module
         load_trainable_state_dict(module, state["trainable"], str(resume_path))
     params = [p for p in module.parameters() if p.requires_grad]
@@ -113,15 +116,19 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
     step = 0
     if state is not None:
-        if state["optimizer"]:
-            optimizer.load_state_dict(state["optimizer"])
-        elif accelerator.is_main_process:
-            print(f"{resume_path}: no optimiser state (sharded run); the optimiser restarts", file=sys.stderr)
-        schedule.load_state_dict(state["scheduler"])
         ranks = state["rng"]
         if len(ranks) != accelerator.num_processes:
             raise UserError(f"{resume_path}: saved by {len(ranks)} processes, resumed with "
                             f"{accelerator.num_processes}; resume with the same number of processes")
+        saved_by = state["state"].get("sharding")
+        if saved_by != sharded:
+            raise UserError(f"{resume_path}: saved by a {saved_by or 'unsharded'} run, resumed as "
+                            f"{sharded or 'unsharded'}; resume with the launch config the run was started with")
+        if sharded:
+            shard.load_optimizer(accelerator, wrapped, optimizer, resume_path / shard.FOLDER)
+        elif state["optimizer"]:
+            optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
         ckpt.restore_rng(ranks[accelerator.process_index], generator)
         task.sampler.load_state_dict(state["state"]["sampler"][accelerator.process_index])
         step = state["state"]["step"]
@@ -140,20 +147,29 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
         eval_mode(optimizer)
         rng = [_from_bytes(b) for b in gather_object([_to_bytes(ckpt.capture_rng(generator))])]
         samplers = gather_object([task.sampler.state_dict()])
-        optim_state = {} if sharded else optimizer.state_dict()
-        if sharded:  # gather full weights from every rank, keep the trainable ones
-            names = {n for n, p in accelerator.unwrap_model(wrapped).named_parameters() if p.requires_grad}
-            full = accelerator.get_state_dict(wrapped)
-            trainable = {k: v for k, v in full.items() if k in names} if accelerator.is_main_process else {}
+        staging = None
+        if sharded:  # every rank writes its optimiser shard; the main process gathers the trainable weights
+            staging = ckpt.staging_dir(ckpt_root, at_step)
+            if accelerator.is_main_process:
+                import shutil
+
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            shard.save_optimizer(accelerator, wrapped, optimizer, staging / shard.FOLDER)
+            trainable = shard.trainable_state(accelerator, wrapped)
+            exporter = getattr(task, "export_gathered", None)
+            export = (lambda folder: exporter(trainable, folder, at_step)) if exporter else None
         else:
             trainable = trainable_state_dict(accelerator.unwrap_model(wrapped))
-        if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(wrapped)
+            export = lambda folder: task.export(unwrapped, folder, at_step)  # noqa: E731
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
             ckpt.save_checkpoint(
-                ckpt_root, at_step, trainable, optim_state, schedule.state_dict(), rng,
-                {"sampler": samplers, "stage": cfg.stage}, cfg.loop.keep_last,
-                extra_files={"export": lambda folder: task.export(unwrapped, folder, at_step)}
-                if cfg.loop.export_lora and not sharded else None)
+                ckpt_root, at_step, trainable, {} if sharded else optimizer.state_dict(), schedule.state_dict(), rng,
+                {"sampler": samplers, "stage": cfg.stage, "sharding": sharded}, cfg.loop.keep_last,
+                extra_files={"export": export} if cfg.loop.export_lora and export else None, staging=staging)
         accelerator.wait_for_everyone()
         train_mode(optimizer)
 
@@ -162,6 +178,7 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
     bar = make_progress("steps", disable=not (progress and accelerator.is_main_process))
     clip = clips_gradients(cfg.optim)
     start, t0 = step, time.time()
+    step_start = time.perf_counter()
     with bar:
         task_id = bar.add_task("train", total=cfg.loop.max_steps, completed=step, status="")
         while step < cfg.loop.max_steps:
@@ -196,8 +213,9 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
             step += 1
             lr = schedule.get_last_lr()[0]
             total = accelerator.gather(torch.tensor([total], device=accelerator.device)).mean().item()  # all ranks
+            step_seconds = time.perf_counter() - step_start  # the gather above waited for every rank's step
             if logger is not None and step % cfg.loop.log_every == 0:
-                row = {"loss": total, "lr": lr, **parts}
+                row = {"loss": total, "lr": lr, "step_seconds": step_seconds, **parts}
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
                 logger.log(step, row)
@@ -207,10 +225,13 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
                 save(step)
             if stop_after is not None and step >= stop_after:
                 break
+            step_start = time.perf_counter()
     final = None
     if sharded and step == cfg.loop.max_steps and accelerator.is_main_process:
-        print(f"sharded run: the trained weights are in {ckpt.latest_checkpoint(ckpt_root)}/trainable.safetensors "
-              "(deployable exports are written by unsharded runs)", file=sys.stderr)
+        final = ckpt.latest_checkpoint(ckpt_root)
+        what = "export/ (LoRA files) and trainable.safetensors" if cfg.train.mode == "lora" and cfg.stage == "edit" \
+            else "trainable.safetensors"
+        print(f"sharded run: the trained weights are in {final}: {what}", file=sys.stderr)
     elif step == cfg.loop.max_steps and accelerator.is_main_process:
         eval_mode(optimizer)
         final = out / "final"
@@ -226,11 +247,11 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
             "final": str(final) if final else None}
 
 
-def _configure_sharding(cfg: TrainConfig, accelerator) -> bool:
-    """DeepSpeed needs batch size, accumulation and clipping in its own config; True when sharded.
+def _configure_sharding(cfg: TrainConfig, accelerator) -> str | None:
+    """DeepSpeed needs batch size, accumulation and clipping in its own config.
 
-    Under FSDP / DeepSpeed each rank holds a shard of the optimiser state; checkpoints then keep
-    the gathered weights, schedule, RNG and sampler, and a resumed run restarts the optimiser.
+    Returns "fsdp" / "deepspeed" when each rank holds a shard of the optimiser state (checkpoints
+    then go through editkit.train.sharded), else None.
     """
     from accelerate.utils import DistributedType
 
@@ -240,7 +261,7 @@ def _configure_sharding(cfg: TrainConfig, accelerator) -> bool:
         ds["gradient_accumulation_steps"] = cfg.loop.grad_accum
         ds["train_batch_size"] = cfg.data.batch_size * cfg.loop.grad_accum * accelerator.num_processes
         ds["gradient_clipping"] = cfg.optim.max_grad_norm if clips_gradients(cfg.optim) else 0.0
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return shard.kind(accelerator)
 
 
 def _periodic(cfg: TrainConfig, task, optimizer, accelerator, logger, out: Path, step: int) -> None:

@@ -64,13 +64,20 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     _as_if_created(tmp, 0o777)
     try:
         yield tmp
-        if dest.exists():
-            old = dest.with_name(f".tmp-old-{dest.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        replace_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Rename the finished folder tmp to dest, replacing an old dest (used by atomic_dir, and by
+    writers whose folder is filled by several processes before one of them commits it)."""
+    tmp, dest = Path(tmp), Path(dest)
+    if dest.exists():
+        old = dest.with_name(f".tmp-old-{dest.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
