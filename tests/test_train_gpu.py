@@ -30,8 +30,11 @@ def test_compiled_training_matches_eager(cache_dir, tmp_path, precision):
     from editkit.train.config import validate_config
     from editkit.train.trainer import train
 
+    from accelerate.state import AcceleratorState
+
     losses = {}
     for compiled in (False, True):
+        AcceleratorState._reset_state(True)  # accelerate keeps one precision per process otherwise
         out = tmp_path / f"{precision}-{compiled}"
         train(validate_config({
             "model": "tiny", "output_dir": str(out), "seed": 0,

@@ -1,8 +1,8 @@
-"""Sharded training on 2+ CUDA GPUs: FSDP2 and DeepSpeed ZeRO-2/3 through `accelerate launch`.
+"""Sharded training on CUDA GPUs: FSDP2 and DeepSpeed ZeRO-2/3 through `accelerate launch`.
 
-Skipped without two GPUs (and, for DeepSpeed, without the deepspeed package); run on the GPU
-machine (docs/training.md says how). A run cut after 4 steps and resumed from its step-3
-checkpoint must repeat the losses of an uninterrupted run step for step: that needs every rank's
+Two processes on a machine with two GPUs or more, one on a single GPU. Skipped without GPUs (and,
+for DeepSpeed, without the deepspeed package); run on the GPU machine (docs/training.md says how).
+A run cut after 4 steps and resumed from its step-3 checkpoint must repeat the losses of an uninterrupted run step for step: that needs every rank's
 optimiser shard back (a restarted AdamW changes step 4 onwards by far more than the tolerance).
 """
 
@@ -19,7 +19,9 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")]
+# two processes where two GPUs exist; one still runs the partitioned code paths and their checkpoints
+PROCESSES = min(2, torch.cuda.device_count())
 
 LAUNCH = {
     "fsdp2": {"distributed_type": "FSDP", "fsdp_config": {
@@ -55,8 +57,10 @@ def cache_dir(tmp_path_factory):
 
 
 def _launch(tmp_path: Path, kind: str, cfg_path: Path, resume: str = "", stop: int = 0) -> None:
-    launch = {"compute_environment": "LOCAL_MACHINE", "num_machines": 1, "num_processes": 2, "machine_rank": 0,
-              "mixed_precision": "no", "use_cpu": False, **LAUNCH[kind]}
+    launch = {"compute_environment": "LOCAL_MACHINE", "num_machines": 1, "num_processes": PROCESSES, "machine_rank": 0,
+              "use_cpu": False, **LAUNCH[kind]}
+    if kind == "fsdp2":  # with a DeepSpeed config file, precision comes from it ("auto": the trainer's choice)
+        launch["mixed_precision"] = "no"
     launch_path = tmp_path / f"{kind}.yaml"
     launch_path.write_text(yaml.safe_dump(launch))
     runner = tmp_path / "runner.py"
@@ -68,7 +72,11 @@ def _launch(tmp_path: Path, kind: str, cfg_path: Path, resume: str = "", stop: i
                            "--main_process_port", str(port), str(runner), str(cfg_path), resume, str(stop)],
                           capture_output=True, text=True, timeout=600, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    if proc.returncode != 0:  # every rank's error lines first (the tail is mostly the launcher's)
+        lines = proc.stderr.splitlines()
+        failed = [line for line in lines if "Error" in line]
+        rank = failed[0].split("]")[0] + "]" if failed and failed[0].startswith("[rank") else "Traceback"
+        pytest.fail("\n".join(line for line in lines if line.startswith(rank))[-6000:])
 
 
 def _losses(out: Path) -> dict[int, float]:

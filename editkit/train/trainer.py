@@ -65,6 +65,28 @@ def build_task(cfg: TrainConfig, accelerator):
     return EditTask(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
 
 
+@contextlib.contextmanager
+def _plain_model_init(accelerator):
+    """Build the models unpartitioned under DeepSpeed unless zero3_init_flag asks otherwise.
+
+    accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says, and
+    under ZeRO-3 transformers then builds every model inside deepspeed.zero.Init (parameters
+    partitioned at construction), which breaks the frozen VLM. DeepSpeed partitions the trained
+    transformer when accelerate prepares it.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero3_init_flag:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def _prepare_output(cfg: TrainConfig, accelerator) -> Path:
     from editkit.utils.atomic import write_text
 
@@ -98,7 +120,8 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
     out = _prepare_output(cfg, accelerator)
     ckpt_root = out / "checkpoints"
     resume_path = ckpt.resolve_resume(resume, ckpt_root)
-    task = build_task(cfg, accelerator)
+    with _plain_model_init(accelerator):
+        task = build_task(cfg, accelerator)
     module = task.module
     state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
     if accelerator.is_main_process:
