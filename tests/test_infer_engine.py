@@ -50,7 +50,10 @@ def test_mixed_batch_equals_one_by_one(engine):
 def test_seed_decides_the_noise(engine):
     src = noise_image(3, (64, 64))
     a, b, c = engine.edit([EditRequest("blue", [src], steps=2, seed=s) for s in (7, 7, 8)])
-    assert np.array_equal(pixels(a), pixels(b)) and not np.array_equal(pixels(a), pixels(c))
+    # rows of one batch may round differently on the CPU (the BLAS blocks by batch position, and the
+    # blocking can change within a process), so "same" is within one grey level, as batched vs alone
+    assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    assert np.abs(pixels(a) - pixels(c)).max() > 16  # another seed is another noise: a different image
 
 
 @pytest.mark.parametrize("mode", ["pixel-mask", "latent+pixel-mask"])
