@@ -197,12 +197,7 @@ def infer_command(
                               fusion=check_mode(fusion), feather=feather, sampler=sampler, width=width,
                               height=height, batch_size=batch_size)
     records = read_manifest(data, format=format)
-    if device is None and dist.world_size() > 1:
-        import torch
-
-        if torch.cuda.is_available():
-            device = f"cuda:{dist.local_rank()}"
-    engine = _engine(model, family, transformer, dtype, device, lora, fuse_lora)
+    engine = _engine(model, family, transformer, dtype, dist.process_device(device), lora, fuse_lora)
     result = run_dataset(engine, records, out, config)
     typer.echo(f"rank {dist.rank()}: wrote {len(result.written)} image(s), skipped {result.skipped} finished, "
                f"into {out}")

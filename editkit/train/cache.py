@@ -174,7 +174,7 @@ def build_cache(model_spec: str, manifest: str | Path, out_dir: str | Path, area
     from editkit.data.images import make_buckets
     from editkit.models import load_model
     from editkit.train.samples import encode_records, sample_key, white_latents
-    from editkit.utils.dist import rank, shard
+    from editkit.utils.dist import process_device, rank, shard
     from editkit.utils.progress import make_progress
     from editkit.utils.runinfo import write_run_manifest
 
@@ -183,7 +183,7 @@ def build_cache(model_spec: str, manifest: str | Path, out_dir: str | Path, area
     out = Path(out_dir)
     records = read_manifest(manifest)
     if model is None:
-        model = load_model(model_spec, family=family, dtype=dtype, device=device, **model_kwargs)
+        model = load_model(model_spec, family=family, dtype=dtype, device=process_device(device), **model_kwargs)
     if multiple % model.size_multiple:
         raise UserError(f"--multiple {multiple}: must be a multiple of {model.size_multiple} for this model")
     try:

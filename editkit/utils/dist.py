@@ -26,3 +26,13 @@ def shard(items: Sequence[T], rank_: int | None = None, world: int | None = None
     r = rank() if rank_ is None else rank_
     w = world_size() if world is None else world
     return list(items[r::w])
+
+
+def process_device(device: str | None = None) -> str | None:
+    """`device`, or this process's own GPU (cuda:LOCAL_RANK) when several processes share a machine
+    and none was given (else None: the loader's default)."""
+    if device is not None or world_size() == 1:
+        return device
+    import torch
+
+    return f"cuda:{local_rank()}" if torch.cuda.is_available() else None
