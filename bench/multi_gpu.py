@@ -59,7 +59,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from editkit.errors import UserError  # noqa: E402
 
 JSONL = "multi_gpu.jsonl"
-SIZE_KEYS = ("vlm_image_area", "vae_image_area", "output_area")
 SKIP_STEPS = 2
 """Training steps left out of the timing (allocator warm-up, cuDNN/cuBLAS plans, first all-reduce)."""
 
@@ -87,12 +86,11 @@ def save_model(preset_name: str, out: str | Path, device: str | None = None, see
     """
     import concurrent.futures
 
-    import diffusers
     import torch
 
     from bench.fullsize import PRESETS, bench_dtype, build_components
     from editkit.models.families import get_family
-    from editkit.models.loading import inspect_folder
+    from editkit.models.loading import inspect_folder, model_index
     from editkit.utils.atomic import atomic_dir
 
     if preset_name not in PRESETS:
@@ -146,20 +144,7 @@ def save_model(preset_name: str, out: str | Path, device: str | None = None, see
         comps["scheduler"].save_pretrained(tmp / "scheduler")
         areas = {"vlm_image_area": preset.vlm_image_area, "vae_image_area": preset.size ** 2,
                  "output_area": preset.size ** 2}
-        index = {
-            "_class_name": family.pipeline_class,
-            "_diffusers_version": diffusers.__version__,
-            "_editkit_family": family.name,
-            **{f"_editkit_{key}": areas[key] for key in SIZE_KEYS},
-            "_editkit_bench_preset": preset.name,
-            "_editkit_bench_seed": seed,
-            "processor": ["transformers", "Qwen2VLProcessor"],
-            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
-            "tokenizer": ["transformers", "Qwen2Tokenizer"],
-            "transformer": ["diffusers", "QwenImageTransformer2DModel"],
-            "vae": ["diffusers", "AutoencoderKLQwenImage"],
-        }
+        index = model_index(family.name, areas, bench_preset=preset.name, bench_seed=seed)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     save_s = time.perf_counter() - t1
     inspect_folder(out, None, None)  # what load_model checks first

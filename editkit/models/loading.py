@@ -279,8 +279,6 @@ def describe(spec: str | Path, family: str | None = None, transformer: str | Pat
 
 def save_tiny(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: int = 0) -> Path:
     """Write the tiny preset of `family` as a diffusers-format folder (atomically)."""
-    import diffusers
-
     from editkit.models.tiny import TINY_AREA, build_tiny
     from editkit.utils.atomic import atomic_dir
 
@@ -295,17 +293,27 @@ def save_tiny(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: int = 0) 
         tiny.tokenizer.save_pretrained(tmp / "processor")
         tiny.image_processor.save_pretrained(tmp / "processor")
         tiny.scheduler.save_pretrained(tmp / "scheduler")
-        index = {
-            "_class_name": spec.pipeline_class,
-            "_diffusers_version": diffusers.__version__,
-            "_editkit_family": spec.name,
-            **{f"_editkit_{key}": TINY_AREA for key in _SIZE_KEYS},
-            "processor": ["transformers", "Qwen2VLProcessor"],
-            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
-            "tokenizer": ["transformers", "Qwen2Tokenizer"],
-            "transformer": ["diffusers", "QwenImageTransformer2DModel"],
-            "vae": ["diffusers", "AutoencoderKLQwenImage"],
-        }
+        index = model_index(spec.name, {key: TINY_AREA for key in _SIZE_KEYS})
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return out_dir
+
+
+def model_index(family: str, areas: dict[str, int], **extra) -> dict:
+    """The model_index.json of a diffusers-format folder of `family` that load_model reads back:
+    component classes, the family, and the image areas (vlm_image_area, vae_image_area, output_area)."""
+    import diffusers
+
+    spec = get_family(family)
+    return {
+        "_class_name": spec.pipeline_class,
+        "_diffusers_version": diffusers.__version__,
+        "_editkit_family": spec.name,
+        **{f"_editkit_{key}": int(areas[key]) for key in _SIZE_KEYS},
+        **{f"_editkit_{key}": value for key, value in extra.items()},
+        "processor": ["transformers", "Qwen2VLProcessor"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKLQwenImage"],
+    }
