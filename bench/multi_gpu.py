@@ -43,7 +43,6 @@ import json
 import math
 import os
 import platform
-import struct
 import sys
 import time
 from pathlib import Path
@@ -467,11 +466,9 @@ def infer_table(rows: list[dict]) -> str:
 
 
 def train_config(model: str, cache: str, out: str | Path, steps: int = 10, rank: int = 64, area: int = 1024 * 1024,
-                 multiple: int = 32, output_dir: str = "runs/multi-gpu-train", tensorboard: str = "auto",
+                 multiple: int = 32, output_dir: str = "runs/multi-gpu-train",
                  overrides: list[str] | None = None) -> dict:
     """Write (and validate) the training YAML of the scaling runs; returns the raw config."""
-    import importlib.util
-
     import yaml
 
     from editkit.train.config import apply_overrides, validate_config
@@ -479,10 +476,6 @@ def train_config(model: str, cache: str, out: str | Path, steps: int = 10, rank:
 
     if steps <= SKIP_STEPS:
         raise UserError(f"--steps {steps}: the first {SKIP_STEPS} steps are not timed; use at least {SKIP_STEPS + 2}")
-    if tensorboard == "auto":  # metrics.csv always; TensorBoard's event times are summary-train's fallback timing
-        tb = importlib.util.find_spec("tensorboard") is not None
-    else:
-        tb = tensorboard == "on"
     raw = {
         "stage": "edit",
         "model": str(model),
@@ -495,7 +488,7 @@ def train_config(model: str, cache: str, out: str | Path, steps: int = 10, rank:
         "optim": {"name": "adamw", "lr": 1.0e-4, "weight_decay": 0.0, "max_grad_norm": 1.0, "schedule": "constant",
                   "warmup_steps": 0},
         "loop": {"max_steps": steps, "grad_accum": 1, "mixed_precision": "auto", "checkpoint_every": steps,
-                 "keep_last": 1, "log_every": 1, "validate_every": 0, "preview_every": 0, "tensorboard": tb,
+                 "keep_last": 1, "log_every": 1, "validate_every": 0, "preview_every": 0, "tensorboard": False,
                  "export_lora": False},
     }
     raw = apply_overrides(raw, overrides or [])  # e.g. train.compile=true on a trainer that has it
@@ -508,67 +501,11 @@ def train_config(model: str, cache: str, out: str | Path, steps: int = 10, rank:
               "#   python3 bench/multi_gpu.py summary-train RUN-ws1 RUN-ws2\n").format(
         rank=rank, steps=steps, cache=cache, out=out)
     write_text(out, header + yaml.safe_dump(raw, sort_keys=False))
-    print(f"train-config: wrote {out} (LoRA r{rank}, {steps} steps, area {area}, tensorboard {tb})")
+    print(f"train-config: wrote {out} (LoRA r{rank}, {steps} steps, area {area})")
     return raw
 
 
 # ---- summary-train ----------------------------------------------------------------------------
-
-
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, i
-        shift += 7
-
-
-def _event_wall_step(data: bytes) -> tuple[float | None, int | None, bool]:
-    """(wall_time, step, has summary) of a serialized tensorflow Event (fields 1, 2 and 5)."""
-    wall = step = None
-    summary = False
-    i = 0
-    while i < len(data):
-        key, i = _varint(data, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(data, i)
-            if field == 2:
-                step = value
-        elif wire == 1:
-            if field == 1:
-                wall = struct.unpack_from("<d", data, i)[0]
-            i += 8
-        elif wire == 2:
-            length, i = _varint(data, i)
-            summary = summary or field == 5
-            i += length
-        elif wire == 5:
-            i += 4
-        else:
-            break
-    return wall, step, summary
-
-
-def tensorboard_step_times(folder: Path) -> dict[int, float]:
-    """Step -> wall time of the first scalar logged at that step, from TensorBoard event files."""
-    times: dict[int, float] = {}
-    for path in sorted(folder.rglob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        i = 0
-        while i + 12 <= len(data):
-            (length,) = struct.unpack_from("<Q", data, i)
-            start = i + 12
-            if start + length + 4 > len(data):
-                break
-            wall, step, summary = _event_wall_step(data[start:start + length])
-            if summary and wall is not None and step is not None:
-                times[step] = min(times.get(step, wall), wall)
-            i = start + length + 4
-    return times
 
 
 def train_run_timing(run: str | Path, skip: int = SKIP_STEPS) -> dict:
@@ -584,51 +521,34 @@ def train_run_timing(run: str | Path, skip: int = SKIP_STEPS) -> dict:
     batch = int(cfg.get("data", {}).get("batch_size", 1))
     accum = int(cfg.get("loop", {}).get("grad_accum", 1))
     with open(metrics, newline="") as f:
-        rows = [r for r in csv.DictReader(f)]
-    steps = sorted(int(r["step"]) for r in rows)
-    last = steps[-1] if steps else 0
-    out = {"run": str(run), "world_size": world, "batch_size": batch, "grad_accum": accum, "steps": last,
-           "skipped_steps": skip, "timed_steps": 0, "s_per_step": None, "source": None, "note": ""}
-    timed = [(int(r["step"]), float(r["step_seconds"])) for r in rows
-             if r.get("step_seconds") not in (None, "") and int(r["step"]) > skip]
-    if timed:
-        out["timed_steps"] = len(timed)
-        out["s_per_step"] = sum(s for _, s in timed) / len(timed)
-        out["source"] = "step_seconds"
-    else:
-        walls = tensorboard_step_times(run / "tensorboard") if (run / "tensorboard").is_dir() else {}
-        after = sorted(s for s in walls if s > skip)
-        if skip in walls and after:
-            n = after[-1] - skip
-            out.update(timed_steps=n, s_per_step=(walls[after[-1]] - walls[skip]) / n, source="tensorboard")
-            out["note"] = "no step_seconds column in metrics.csv: step times from TensorBoard event wall times"
-        elif last > 0:  # coarse: from the run manifest (written after model load) to the last metrics write
-            start = _dt.datetime.fromisoformat(info["time"]).timestamp()
-            out.update(timed_steps=last, s_per_step=(metrics.stat().st_mtime - start) / last, source="coarse")
-            out["note"] = ("no step_seconds and no TensorBoard events: run.json time to the last metrics.csv "
-                           "write, all steps including warm-up (1 s resolution)")
-    if out["s_per_step"]:
-        out["steps_per_s"] = 1 / out["s_per_step"]
-        out["samples_per_s"] = out["steps_per_s"] * batch * accum * world
-    else:
-        out["steps_per_s"] = out["samples_per_s"] = None
-        out["note"] = out["note"] or f"fewer than {skip + 1} logged steps: nothing to time"
+        rows = list(csv.DictReader(f))
+    if rows and "step_seconds" not in rows[0]:
+        raise UserError(f"{metrics}: no step_seconds column (an older editkit wrote this run); "
+                        "rerun the training with this editkit, which logs each step's wall time")
+    timed = [float(r["step_seconds"]) for r in rows if int(r["step"]) > skip]
+    if not timed:
+        raise UserError(f"{metrics}: {len(rows)} logged step(s), the first {skip} of which are warm-up; "
+                        f"train at least {skip + 1} steps")
+    s_per_step = sum(timed) / len(timed)
+    out = {"run": str(run), "world_size": world, "batch_size": batch, "grad_accum": accum, "steps": len(rows),
+           "skipped_steps": skip, "timed_steps": len(timed), "s_per_step": s_per_step,
+           "steps_per_s": 1 / s_per_step}
+    out["samples_per_s"] = out["steps_per_s"] * batch * accum * world
     return out
 
 
 def train_table(timings: list[dict]) -> str:
-    base = next((t for t in timings if t["world_size"] == 1 and t["samples_per_s"]), None)
-    lines = ["| run | GPUs | timed steps | s/step | steps/s | samples/s | speed-up vs 1 | efficiency | timing |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    base = next((t for t in timings if t["world_size"] == 1), None)
+    lines = ["| run | GPUs | timed steps | s/step | steps/s | samples/s | speed-up vs 1 | efficiency |",
+             "|---|---|---|---|---|---|---|---|"]
     for t in timings:
-        speedup = t["samples_per_s"] / base["samples_per_s"] if base and t["samples_per_s"] else None
+        speedup = t["samples_per_s"] / base["samples_per_s"] if base else None
         t["speedup"] = speedup
         t["efficiency"] = speedup / t["world_size"] if speedup else None
         lines.append(f"| {Path(t['run']).name} | {t['world_size']} | {t['timed_steps']} | {_fmt(t['s_per_step'], 3)} | "
                      f"{_fmt(t['steps_per_s'], 3)} | {_fmt(t['samples_per_s'], 3)} | "
-                     f"{_fmt(speedup)}{'x' if speedup else ''} | {_fmt(t['efficiency'])} | {t['source'] or '—'} |")
-    notes = sorted({t["note"] for t in timings if t["note"]})
-    return "\n".join(lines + [f"\nnote: {n}" for n in notes])
+                     f"{_fmt(speedup)}{'x' if speedup else ''} | {_fmt(t['efficiency'])} |")
+    return "\n".join(lines)
 
 
 # ---- CLI --------------------------------------------------------------------------------------
@@ -681,7 +601,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--area", type=int, default=1024 * 1024, help="the cache's --area")
     s.add_argument("--multiple", type=int, default=32, help="the cache's --multiple")
     s.add_argument("--output-dir", default="runs/multi-gpu-train", help="default run folder (override per run)")
-    s.add_argument("--tensorboard", choices=("auto", "on", "off"), default="auto")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra dotted config setting, e.g. train.compile=true (repeatable)")
 
@@ -710,7 +629,7 @@ def main(argv: list[str] | None = None):
         return rows
     if args.command == "train-config":
         return train_config(args.model, args.cache, args.out, args.steps, args.rank, args.area, args.multiple,
-                            args.output_dir, args.tensorboard, args.set)
+                            args.output_dir, args.set)
     if args.command == "summary-train":
         timings = [train_run_timing(r, args.skip) for r in args.runs]
         print(train_table(timings))
