@@ -1,8 +1,9 @@
 """One training sample: what the cache stores per record, and how samples become a batch.
 
-`encode_record` runs the EditModel facade once per record (online training); `encode_records`
-is its batched form for records of one shape key (the cache), equal within float rounding, so
-both train on the same tensors. A sample is a flat dict of tensors:
+`encode_records` runs the EditModel facade over records of one shape key (the cache encodes them
+in batches); `encode_record` is its one-record case (online training). Batched and one-by-one
+tensors are equal within float rounding, so both train on the same tensors. A sample is a flat
+dict of tensors:
 - `embeds.<variant>` (L, D): VLM embeddings of the instruction with the record's source images,
   variants `en`, `cn`, `empty` (empty text, for CFG dropout) and `inverse`, `inverse_cn`
   (the inverse instruction with the target image as the picture);
@@ -61,32 +62,9 @@ def _strip(embeds: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
     return [embeds[i][mask[i].bool()].contiguous() for i in range(embeds.shape[0])]
 
 
-@torch.no_grad()
 def encode_record(model, record: EditRecord, bucket: Size) -> dict[str, torch.Tensor]:
     """All tensors of one record (see module docstring), through the EditModel facade."""
-    w, h = bucket
-    target = resize_to_bucket(load_image(record.target), bucket)
-    sources = [load_image(p) for p in record.sources]
-    out = {"target": model.encode_images([target], w, h)[0]}
-    for j, img in enumerate(sources):
-        sw, sh = model.vae_size(img)
-        out[f"source.{j}"] = model.encode_images([img], sw, sh)[0]
-    if sources:
-        out["bridge_source"] = model.encode_images([resize_to_bucket(sources[0], bucket)], w, h)[0]
-    texts = {"en": record.instruction, "empty": ""}
-    if record.instruction_cn:
-        texts["cn"] = record.instruction_cn
-    names = list(texts)
-    embeds, mask = model.encode_prompt([texts[n] for n in names], [sources] * len(names))
-    out.update({f"embeds.{n}": e for n, e in zip(names, _strip(embeds, mask))})
-    inverse = {n: t for n, t in (("inverse", record.inverse_instruction),
-                                 ("inverse_cn", record.inverse_instruction_cn)) if t}
-    if inverse:
-        embeds, mask = model.encode_prompt(list(inverse.values()), [[target]] * len(inverse))
-        out.update({f"embeds.{n}": e for n, e in zip(inverse, _strip(embeds, mask))})
-    if record.mask is not None:
-        out["mask"] = _mask_latents(record, bucket, tuple(out["target"].shape[-2:]), out["target"].device)
-    return {k: v.cpu() for k, v in out.items()}  # batches are assembled on the CPU, as from the cache
+    return encode_records(model, [record], bucket)[0]
 
 
 def _mask_latents(record: EditRecord, bucket: Size, latent_hw: tuple[int, int], device) -> torch.Tensor:
@@ -98,10 +76,10 @@ def _mask_latents(record: EditRecord, bucket: Size, latent_hw: tuple[int, int], 
 
 @torch.no_grad()
 def encode_records(model, records: list[EditRecord], bucket: Size) -> list[dict[str, torch.Tensor]]:
-    """`encode_record` of each record, batched: one VAE pass per latent kind, one VLM pass for all texts.
+    """The tensors of each record, batched: one VAE pass per latent kind, one VLM pass for all texts.
 
     The records must share a shape key (`sample_key`: target bucket and source VAE sizes), as the
-    cache groups them. The tensors equal `encode_record`'s within float rounding (padding the
+    cache groups them. The tensors equal one-record batches' within float rounding (padding the
     prompts of a batch to one length and batched convolutions change the summation order only);
     tests/test_cache_batched.py checks it.
     """
@@ -112,20 +90,19 @@ def encode_records(model, records: list[EditRecord], bucket: Size) -> list[dict[
     sources = [[load_image(p) for p in r.sources] for r in records]
     outs: list[dict[str, torch.Tensor]] = [{} for _ in records]
 
-    def put(name: str, latents: torch.Tensor, which: list[int]) -> None:
-        for i, lat in zip(which, latents):
-            outs[i][name] = lat.clone()
+    def put(name: str, latents: torch.Tensor) -> None:
+        for out, lat in zip(outs, latents):
+            out[name] = lat.clone()
 
-    put("target", model.encode_images(targets, w, h), list(range(len(records))))
+    put("target", model.encode_images(targets, w, h))
     n_src = {len(s) for s in sources}
     if len(n_src) != 1:
         raise ValueError("encode_records: the records must share a shape key (the same number of sources)")
     for j in range(n_src.pop()):
         sw, sh = model.vae_size(sources[0][j])
-        put(f"source.{j}", model.encode_images([s[j] for s in sources], sw, sh), list(range(len(records))))
+        put(f"source.{j}", model.encode_images([s[j] for s in sources], sw, sh))
     if sources[0]:
-        put("bridge_source", model.encode_images([resize_to_bucket(s[0], bucket) for s in sources], w, h),
-            list(range(len(records))))
+        put("bridge_source", model.encode_images([resize_to_bucket(s[0], bucket) for s in sources], w, h))
     # every text of every record in one VLM pass: en, empty, cn with the sources; inverse(_cn) with the target
     prompts: list[tuple[int, str, str, list]] = []
     for i, r in enumerate(records):
