@@ -97,6 +97,12 @@ def staging_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f".staging-step-{step:06d}"
 
 
+def empty_dir(path: Path) -> None:
+    """Make `path` an empty folder (the main process, before the ranks write into a staging folder)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
 @contextlib.contextmanager
 def _staged(staging: Path, dest: Path):
     try:

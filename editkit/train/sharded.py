@@ -41,20 +41,19 @@ def trainable_state(accelerator, wrapped) -> dict[str, torch.Tensor]:
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
         return state if accelerator.is_main_process else {}
     if how == "deepspeed":
-        unwrapped = accelerator.unwrap_model(wrapped)
-        names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
-        params = dict(unwrapped.named_parameters())
-        state = {}
-        for name in names:  # ZeRO-3 keeps each rank's slice; gather one parameter at a time
-            param = params[name]
-            if hasattr(param, "ds_id"):
-                import deepspeed
+        import contextlib
 
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                    if accelerator.is_main_process:
-                        state[name] = param.detach().float().cpu().clone()
-            elif accelerator.is_main_process:
-                state[name] = param.detach().float().cpu().clone()
+        import deepspeed
+
+        state = {}
+        for name, param in accelerator.unwrap_model(wrapped).named_parameters():
+            if not param.requires_grad:
+                continue
+            # ZeRO-3 keeps each rank's slice (parameters with a ds_id): gather one at a time
+            gathered = deepspeed.zero.GatheredParameters([param]) if hasattr(param, "ds_id") else contextlib.nullcontext()
+            with gathered:
+                if accelerator.is_main_process:
+                    state[name] = param.detach().cpu().clone()
         return state
     raise ValueError("trainable_state is for sharded runs")
 

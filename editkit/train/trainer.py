@@ -174,18 +174,15 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
         if sharded:  # every rank writes its optimiser shard; the main process gathers the trainable weights
             staging = ckpt.staging_dir(ckpt_root, at_step)
             if accelerator.is_main_process:
-                import shutil
-
-                shutil.rmtree(staging, ignore_errors=True)
-                staging.mkdir(parents=True)
+                ckpt.empty_dir(staging)
             accelerator.wait_for_everyone()
             shard.save_optimizer(accelerator, wrapped, optimizer, staging / shard.FOLDER)
             trainable = shard.trainable_state(accelerator, wrapped)
             exporter = getattr(task, "export_gathered", None)
             export = (lambda folder: exporter(trainable, folder, at_step)) if exporter else None
         else:
-            trainable = trainable_state_dict(accelerator.unwrap_model(wrapped))
             unwrapped = accelerator.unwrap_model(wrapped)
+            trainable = trainable_state_dict(unwrapped)
             export = lambda folder: task.export(unwrapped, folder, at_step)  # noqa: E731
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
