@@ -5,19 +5,14 @@ import csv
 import pytest
 import torch
 
+from tests.train_fixtures import tiny_training_cache
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    from editkit.data.synth import synthesize
-    from editkit.train.cache import build_cache
-
-    root = tmp_path_factory.mktemp("gpu")
-    synth = synthesize(root / "data", n=6, size=64, seed=0, val_fraction=0.0, test_fraction=0.0, progress=False)
-    build_cache("tiny", synth["train"], root / "cache", area=64 * 64, multiple=16, dtype="fp32", device="cpu",
-                progress=False)
-    return root / "cache"
+    return tiny_training_cache(tmp_path_factory.mktemp("gpu"), n=6)
 
 
 def _losses(out):

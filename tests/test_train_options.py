@@ -8,18 +8,12 @@ import torch
 from editkit.errors import UserError
 from editkit.train.config import validate_config
 from editkit.train.trainer import train
+from tests.train_fixtures import tiny_training_cache
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    from editkit.data.synth import synthesize
-    from editkit.train.cache import build_cache
-
-    root = tmp_path_factory.mktemp("options")
-    synth = synthesize(root / "data", n=6, size=64, seed=0, val_fraction=0.0, test_fraction=0.0, progress=False)
-    build_cache("tiny", synth["train"], root / "cache", area=64 * 64, multiple=16, dtype="fp32", device="cpu",
-                progress=False)
-    return root / "cache"
+    return tiny_training_cache(tmp_path_factory.mktemp("options"), n=6)
 
 
 def _cfg(out, cache_dir, **train_section):

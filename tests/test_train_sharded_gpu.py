@@ -18,6 +18,8 @@ import pytest
 import torch
 import yaml
 
+from tests.train_fixtures import tiny_training_cache
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")]
 # two processes where two GPUs exist; one still runs the partitioned code paths and their checkpoints
@@ -46,14 +48,7 @@ train(load_config(sys.argv[1]), resume=resume, stop_after=stop, progress=False)
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    from editkit.data.synth import synthesize
-    from editkit.train.cache import build_cache
-
-    root = tmp_path_factory.mktemp("sharded")
-    synth = synthesize(root / "data", n=12, size=64, seed=0, val_fraction=0.0, test_fraction=0.0, progress=False)
-    build_cache("tiny", synth["train"], root / "cache", area=64 * 64, multiple=16, dtype="fp32", device="cpu",
-                progress=False)
-    return root / "cache"
+    return tiny_training_cache(tmp_path_factory.mktemp("sharded"), n=12)
 
 
 def _launch(tmp_path: Path, kind: str, cfg_path: Path, resume: str = "", stop: int = 0) -> None:
