@@ -2,8 +2,9 @@
 
 Two processes on a machine with two GPUs or more, one on a single GPU. Skipped without GPUs (and,
 for DeepSpeed, without the deepspeed package); run on the GPU machine (docs/training.md says how).
-A run cut after 4 steps and resumed from its step-3 checkpoint must repeat the losses of an uninterrupted run step for step: that needs every rank's
-optimiser shard back (a restarted AdamW changes step 4 onwards by far more than the tolerance).
+A run cut after 4 steps and resumed from its step-3 checkpoint must repeat the losses of an
+uninterrupted run step for step: that needs every rank's optimiser shard back (a restarted AdamW
+changes step 4 onwards by far more than the tolerance).
 """
 
 import csv

@@ -50,8 +50,8 @@ def trainable_state(accelerator, wrapped) -> dict[str, torch.Tensor]:
             if not param.requires_grad:
                 continue
             # ZeRO-3 keeps each rank's slice (parameters with a ds_id): gather one at a time
-            gathered = deepspeed.zero.GatheredParameters([param]) if hasattr(param, "ds_id") else contextlib.nullcontext()
-            with gathered:
+            partitioned = hasattr(param, "ds_id")
+            with deepspeed.zero.GatheredParameters([param]) if partitioned else contextlib.nullcontext():
                 if accelerator.is_main_process:
                     state[name] = param.detach().cpu().clone()
         return state
