@@ -24,6 +24,7 @@ class EditRecord:
     inverse_instruction_cn: str | None = None
     task: str | None = None  # edit type / dataset name
     metadata: dict[str, Any] = field(default_factory=dict)
+    origin: str = ""  # where the record came from, for messages: "manifest.jsonl:12" or a folder entry
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (paths as strings)."""

@@ -36,3 +36,30 @@ def process_device(device: str | None = None) -> str | None:
     import torch
 
     return f"cuda:{local_rank()}" if torch.cuda.is_available() else None
+
+
+def resolve_device(device: str | None, option: str = "--device") -> str:
+    """A checked torch device string: `device`, else this process's GPU when CUDA is there, else
+    "cpu". A name torch does not know, or a CUDA device on a machine without it (or with fewer
+    GPUs), is a UserError naming the option."""
+    import torch
+
+    from editkit.errors import UserError
+
+    if device is None:
+        if torch.cuda.is_available():
+            return f"cuda:{local_rank() % torch.cuda.device_count()}" if world_size() > 1 else "cuda"
+        return "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{option} {device!r}: not a torch device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{option} {device}: CUDA is not available on this machine; use --device cpu "
+                            "(or install a CUDA build of torch)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UserError(f"{option} {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif parsed.type not in ("cpu", "mps", "xpu"):
+        raise UserError(f"{option} {device!r}: unsupported device type; use cpu, cuda or cuda:N")
+    return device
