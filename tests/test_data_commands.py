@@ -52,8 +52,9 @@ def test_cli_validate_exit_2_and_one_line_per_problem(bad_manifest):
     proc = _cli("data", "validate", bad_manifest, "--workers", "1")
     assert proc.returncode == 2
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 7 and lines[-1].endswith("6 problems (bad-json: 1, empty-instruction: 1, mask-size: 1, "
-                                                   "missing-file: 1, undecodable: 1, url: 1)")
+    assert len(lines) == 8 and lines[-1].endswith("6 problems (bad-json: 1, empty-instruction: 1, mask-size: 1, "
+                                                   "missing-file: 1, undecodable: 1, url: 1); 1 warning (empty-mask: 1)")
+    assert f"{bad_manifest}:2: field 'mask': warning: is all black" in proc.stdout
     assert "Traceback" not in proc.stderr
 
 

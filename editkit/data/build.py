@@ -3,14 +3,19 @@
 Every image goes through the image policy (EXIF orientation, RGB, optional resize to a pixel
 area with sides a multiple of 16/32) and is written as PNG under OUT/images/<id>/; masks are
 binarised and sized to their target. Work runs in a process pool with a progress bar; each
-file is written atomically and a record whose files all exist is skipped, so a killed build
-resumes where it stopped. The manifest (pairs format, paths relative to OUT) is written last.
+file is written atomically. OUT/fingerprint.json records the settings and the input records
+(ids, texts, file sizes and times); a re-run with the same fingerprint skips records whose
+files all exist, so a killed build resumes where it stopped, and a re-run with other settings
+or data is refused unless `overwrite` (which removes the earlier images first). A folder with
+build outputs but no fingerprint is never trusted. The manifest (pairs format, paths relative
+to OUT) is written last.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
 from PIL import Image
@@ -19,10 +24,15 @@ from editkit.data.folder import IMAGE_DIRS, parse_layout
 from editkit.data.images import load_image, load_mask, resize_to_area
 from editkit.data.manifest import write_manifest
 from editkit.data.records import EditRecord
+from editkit.data.tools import plain_name, where
 from editkit.errors import UserError
 from editkit.utils.atomic import atomic_path
+from editkit.utils.fingerprint import FILE_NAME as FINGERPRINT, claim_folder, records_stamp
 from editkit.utils.progress import console, parallel_map
 from editkit.utils.runinfo import write_run_manifest
+
+
+MAX_AREA = 4096 * 4096  # beyond this --area is a typo (1e11 would ask for a 300 GB image)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +40,7 @@ class BuildOptions:
     out: Path
     area: int | None = None
     multiple: int = 32
+    resume: bool = False  # trust finished records (only under the same fingerprint)
 
 
 def _outputs(record: EditRecord, out: Path) -> dict[str, Path]:
@@ -59,7 +70,7 @@ def build_record(args: tuple[EditRecord, BuildOptions]) -> tuple[EditRecord | No
         record, sources=[outputs[f"source_{i}"] for i in range(len(record.sources))],
         target=outputs.get("target"), mask=outputs.get("mask"), ref_gt=outputs.get("ref_gt"),
         metadata=dict(record.metadata))
-    if all(p.is_file() for p in outputs.values()):
+    if opts.resume and all(p.is_file() for p in outputs.values()):
         return built, None, True
     try:
         images = {f"source_{i}": _sized(load_image(p), opts) for i, p in enumerate(record.sources)}
@@ -70,7 +81,7 @@ def build_record(args: tuple[EditRecord, BuildOptions]) -> tuple[EditRecord | No
             reference = images.get("target", images.get("source_0"))
             images["mask"] = load_mask(record.mask, size=reference.size if reference is not None else None)
     except UserError as err:
-        return None, f"record {record.id!r}: {err}", False
+        return None, f"{where(record)}: {err}", False
     for key, img in images.items():
         _save(img, outputs[key])
     return built, None, False
@@ -97,25 +108,51 @@ def _raise_first(problems: list) -> None:
         raise UserError(f"{problems[0]}{more}")
 
 
+def _claim(out: Path, records: list[EditRecord], area: int | None, multiple: int, manifest_name: str,
+           overwrite: bool) -> bool:
+    """True when earlier work in `out` was made from the same settings and records (resume)."""
+    unclaimed = not (out / FINGERPRINT).is_file() and ((out / "images").exists() or (out / manifest_name).exists())
+    if unclaimed and not overwrite:
+        raise UserError(f"{out}: holds a built dataset without a fingerprint (an older editkit, or made by hand), so "
+                        "its images cannot be trusted; pass --overwrite to rebuild it, or choose a new --out folder")
+    inputs = {"area": area, "multiple": multiple, "records": records_stamp(records)}
+
+    def clear() -> None:
+        shutil.rmtree(out / "images", ignore_errors=True)
+        for name in (manifest_name, "build.json"):
+            (out / name).unlink(missing_ok=True)
+
+    return claim_folder(out, "data build", inputs, overwrite=overwrite, clear=clear)
+
+
 def build_dataset(records: list[EditRecord], out: str | os.PathLike, area: int | None = None, multiple: int = 32,
-                  workers: int = 1, manifest_name: str = "manifest.jsonl", progress: bool = True) -> Path:
-    """Normalise every record's images into `out`; returns the written manifest. Resumable."""
+                  workers: int = 1, manifest_name: str = "manifest.jsonl", progress: bool = True,
+                  overwrite: bool = False) -> Path:
+    """Normalise every record's images into `out`; returns the written manifest. Resumable under
+    the same fingerprint; other settings or records need `overwrite` (see the module docstring)."""
     out = Path(out)
     if multiple not in (16, 32):
         raise UserError(f"--multiple must be 16 or 32, got {multiple}")
     if area is not None and area < multiple * multiple:
         raise UserError(f"--area {area} is smaller than one {multiple}x{multiple} tile")
+    if area is not None and area > MAX_AREA:
+        raise UserError(f"--area {area} is more than {MAX_AREA} pixels (4096x4096); leave --area out to keep the "
+                        "images' own sizes")
+    if not records:
+        raise UserError("no records to build; check the input dataset")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose an output folder for --out")
     for record in records:
-        if not record.id or "/" in record.id or "\\" in record.id or record.id in (".", ".."):
-            raise UserError(f"record id {record.id!r} cannot be a folder name; ids must not contain '/'")
-    opts = BuildOptions(out.resolve(), area, multiple)
+        plain_name(record.id or "", f"{where(record)}: id")  # each record's images go to OUT/images/<id>/
+    resume = _claim(out, records, area, multiple, manifest_name, overwrite)
+    opts = BuildOptions(out.resolve(), area, multiple, resume)
     jobs = [(r, opts) for r in records]
     results = parallel_map(build_record, jobs, "building", "records", workers, chunksize=4, disable=not progress)
     built = [r for r, _, _ in results if r is not None]
     failed = [msg for _, msg, _ in results if msg]
     skipped = sum(1 for _, _, s in results if s)
     for msg in failed:
-        console.print(f"skipped {msg}", markup=False, highlight=False)
+        console.print(f"skipped {msg}", markup=False, highlight=False, soft_wrap=True)
     if skipped:
         console.print(f"{skipped} records already built (kept)", markup=False)
     manifest = write_manifest(built, out / manifest_name, "pairs")

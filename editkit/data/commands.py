@@ -19,6 +19,16 @@ def _default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def _at_least_one(value: int, flag: str, most: int | None = None) -> int:
+    """A count flag's value, checked to lie in 1..most (one line naming the flag otherwise)."""
+    from editkit.errors import UserError
+
+    if value < 1 or (most is not None and value > most):
+        bound = f" and at most {most}" if most is not None else ""
+        raise UserError(f"{flag} must be at least 1{bound}, got {value}")
+    return value
+
+
 @data_app.command("synth")
 def synth(
     out: Annotated[Path, typer.Option(help="Output folder (created; replaced only if it holds an earlier synthetic set).")],
@@ -33,7 +43,7 @@ def synth(
     from editkit.data.synth import synthesize
 
     paths = synthesize(out, n=n, size=size, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-                       workers=workers)
+                       workers=_at_least_one(workers, "--workers"))
     typer.echo(f"wrote {n} samples to {out} ({', '.join(p.name for p in paths.values())}, preview.png)")
 
 
@@ -69,15 +79,21 @@ def validate(
     """Check a manifest: files exist and decode, masks match their image, instructions non-empty. Exit 2 on problems."""
     from editkit.data.validate import validate_manifest
 
-    report = validate_manifest(manifest, format, _fields(field), workers=workers, check_images=not no_images)
-    for problem in report.problems:
-        typer.echo(problem.line())
+    report = validate_manifest(manifest, format, _fields(field), workers=_at_least_one(workers, "--workers"),
+                               check_images=not no_images)
+    for line in report.lines():
+        typer.echo(line)
+    warned = ""
+    if report.warnings:
+        counts = ", ".join(f"{kind}: {count}" for kind, count in sorted(report.warning_counts().items()))
+        warned = f"; {len(report.warnings)} warning{'s' * (len(report.warnings) != 1)} ({counts})"
     if report.ok:
-        typer.echo(f"{manifest}: {report.records} records, no problems")
+        typer.echo(f"{manifest}: {report.records} records, no problems{warned}")
         return
     counts = ", ".join(f"{kind}: {count}" for kind, count in sorted(report.counts().items()))
-    typer.echo(f"{manifest}: {report.records} records, {len(report.problems)} problems ({counts})")
+    typer.echo(f"{manifest}: {report.records} records, {len(report.problems)} problems ({counts}){warned}")
     raise typer.Exit(2)
+
 
 
 @data_app.command("convert")
@@ -109,6 +125,7 @@ def build(
     format: FormatOpt = None,
     field: FieldOpt = None,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = _default_workers(),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild an OUT made with other settings or data (its images are removed first).")] = False,
 ) -> None:
     """Build a clean dataset (PNG, EXIF applied, binarised masks, optional resize) from folders, resumably."""
     from editkit.data.build import build_dataset, records_from_folders
@@ -122,7 +139,8 @@ def build(
         records = records_from_folders(sources, targets, masks, None, prompts, _fields(field))
     else:
         records = read_manifest(source, format, _fields(field))
-    manifest = build_dataset(records, out, area=area, multiple=multiple, workers=workers)
+    manifest = build_dataset(records, out, area=area, multiple=multiple, workers=_at_least_one(workers, "--workers"),
+                             overwrite=overwrite)
     typer.echo(f"wrote {manifest}")
 
 
@@ -137,16 +155,21 @@ def split(
     format: FormatOpt = None,
     field: FieldOpt = None,
 ) -> None:
-    """Split a manifest deterministically into OUT/<name>.<ext> files."""
+    """Split a manifest deterministically into OUT/<name>.<ext> files (an empty split is written
+    empty, and every reader refuses it)."""
     from editkit.data.manifest import read_manifest, write_manifest
-    from editkit.data.tools import parse_weights, split_records
+    from editkit.data.tools import parse_weights, split_paths, split_records
 
     schema, weights = _table_schema(to), parse_weights(fractions)
+    paths = split_paths(out, list(weights), ext)
     records = read_manifest(manifest, format, _fields(field))
     parts = split_records(records, weights, seed)
     for name, part in parts.items():
-        write_manifest(part, out / f"{name}.{ext.lstrip('.')}", schema)
+        write_manifest(part, paths[name], schema)
     typer.echo(", ".join(f"{name}: {len(part)}" for name, part in parts.items()))
+    empty = [name for name, part in parts.items() if not part]
+    if empty:
+        typer.echo(f"note: {', '.join(empty)} got no records (the file is empty); give more records or larger fractions")
 
 
 @data_app.command("select")
@@ -186,6 +209,8 @@ def mix(
 
     from editkit.data.mixing import open_mixture
 
+    _at_least_one(steps, "--steps", most=1_000_000)
+    _at_least_one(batch_size, "--batch-size")
     sampler = open_mixture(root, batch_size, weights, source_weights, seed=seed, split=split, rank=0, world_size=1)
     datasets, counts = Counter(), Counter()
     for _ in range(steps):

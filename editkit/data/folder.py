@@ -23,6 +23,7 @@ from pathlib import Path
 
 from editkit.data.formats import Row, RowError, assign_ids, read_rows, record_to_row, row_to_record, split_lines
 from editkit.data.records import EditRecord
+from editkit.data.tools import plain_name, where
 from editkit.errors import UserError
 from editkit.utils.atomic import atomic_dir, write_text
 
@@ -149,10 +150,6 @@ def _place(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
-def _safe_name(record_id: str) -> str:
-    if not record_id or record_id in (".", "..") or "/" in record_id or "\\" in record_id or "\x00" in record_id:
-        raise UserError(f"record id {record_id!r} cannot be a file name; the folder layout needs ids without '/'")
-    return record_id
 
 
 def write_folder(records: list[EditRecord], out: Path) -> None:
@@ -162,11 +159,11 @@ def write_folder(records: list[EditRecord], out: Path) -> None:
     for record in records:
         for path in [*record.sources, record.target, record.mask, record.ref_gt]:
             if path is not None and not Path(path).is_file():
-                raise UserError(f"{path}: image of record {record.id!r} not found; cannot copy it into {out}")
+                raise UserError(f"{where(record)}: image {path} not found; cannot copy it into {out}")
     with atomic_dir(out) as tmp:
         lines = []
         for record in records:
-            name = _safe_name(record.id)
+            name = plain_name(record.id, f"{where(record)}: id")
             placed = EditRecord(**{**record.__dict__, "sources": [], "metadata": dict(record.metadata)})
             if len(record.sources) == 1:
                 placed.sources = [tmp / "sources" / f"{name}{record.sources[0].suffix.lower()}"]

@@ -254,7 +254,7 @@ def row_to_record(row: Row, schema_name: str, base_dir: Path, fields: dict[str, 
     for attr in TEXT_FIELDS:  # empty optional text is absent, the same in every container
         if attr != "instruction" and kwargs[attr] == "":
             kwargs[attr] = None
-    return EditRecord(**kwargs)
+    return EditRecord(**kwargs, origin=row.where)
 
 
 def _csv_list(value: Any, row: Row, column: str) -> Any:

@@ -15,7 +15,8 @@ from editkit.data.records import EditRecord
 from editkit.errors import UserError
 
 FORMATS = ("diffsynth", "pairs", "folder")
-RUN_RECORDS = ("run.json", "build.json", "synth.json")  # what-ran records written beside datasets, not manifests
+# what-ran records and job fingerprints written beside datasets, not manifests
+RUN_RECORDS = ("run.json", "build.json", "synth.json", "fingerprint.json")
 _ALIASES = {"editkit": "pairs"}
 
 
@@ -59,7 +60,8 @@ def detect_format(path: str | os.PathLike, format: str | None = None, fields: di
 
 def parse_manifest(path: str | os.PathLike, format: str | None = None, fields: dict[str, str] | None = None,
                    ) -> tuple[list[tuple[str, EditRecord]], list[RowError]]:
-    """Every good record with where it came from, and every bad entry as a RowError (for validate)."""
+    """Every good record with where it came from, and every bad entry as a RowError (for validate).
+    A manifest without a single entry is a UserError: every job would silently do nothing."""
     path = Path(path)
     format = normalize_format(format)
     if "://" in str(path):
@@ -71,10 +73,17 @@ def parse_manifest(path: str | os.PathLike, format: str | None = None, fields: d
             hint = f"give one of its manifests ({', '.join(manifests[:5])})" if manifests else \
                 "a dataset folder needs a prompts file and sources/ or targets/"
             raise UserError(f"{path}: not a dataset folder; {hint}")
-        return parse_folder(path, fields)
+        return _non_empty(path, parse_folder(path, fields))
     if path.is_dir():
         raise UserError(f"{path}: is a folder; give --format folder or point at a .json/.jsonl/.csv manifest")
-    return parse_table(path, format, fields)
+    return _non_empty(path, parse_table(path, format, fields))
+
+
+def _non_empty(path: Path, parsed: tuple[list, list[RowError]]) -> tuple[list, list[RowError]]:
+    good, problems = parsed
+    if not good and not problems:
+        raise UserError(f"no records in {path}; add entries to it (or check that this is the right file)")
+    return parsed
 
 
 def read_manifest(path: str | os.PathLike, format: str | None = None,

@@ -32,7 +32,7 @@ import numpy as np
 from editkit.data.folder import is_folder_dataset
 from editkit.data.manifest import RUN_RECORDS, read_manifest
 from editkit.data.records import EditRecord
-from editkit.data.tools import parse_weights
+from editkit.data.tools import parse_weights, plain_name, where
 from editkit.errors import UserError
 from editkit.utils import dist
 from editkit.utils.progress import console
@@ -42,8 +42,8 @@ _MANIFEST_EXTENSIONS = (".jsonl", ".json", ".csv")
 
 
 def parse_dataset_weights(text: str) -> dict[str, float]:
-    """'web=2,synth=1' -> {'web': 2.0, 'synth': 1.0}."""
-    return parse_weights(text, "--dataset-weights")
+    """'web=2,synth=1' -> {'web': 2.0, 'synth': 1.0} (the `data mix --weights` flag)."""
+    return parse_weights(text, "--weights")
 
 
 def parse_source_weights(text: str) -> dict[int, float]:
@@ -63,6 +63,7 @@ def discover_datasets(root: str | os.PathLike, split: str = "train") -> dict[str
     exactly one manifest file.
     """
     root = Path(root)
+    plain_name(split, "--split")
     if not root.is_dir():
         raise UserError(f"{root}: not a folder; give a folder whose sub-folders are datasets")
     found = {}
@@ -282,21 +283,16 @@ def bucket_by_image_size(buckets: list[tuple[int, int]]) -> Callable[[EditRecord
 
     Reads image headers only; records without images go to bucket None.
     """
-    from PIL import Image
-
-    from editkit.data.images import bucket_for
+    from editkit.data.images import bucket_for, image_size
 
     def bucket_of(record: EditRecord):
         path = record.target or (record.sources[0] if record.sources else None)
         if path is None:
             return None
         try:
-            with Image.open(path) as img:
-                turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: shown rotated by 90 degrees
-                size = img.size[::-1] if turned else img.size
-        except OSError as err:
-            raise UserError(f"{path}: cannot read the image size of record {record.id!r} ({err}); "
-                            "run `editkit data validate`") from None
+            size = image_size(path)
+        except UserError as err:
+            raise UserError(f"{where(record)}: {err} (run `editkit data validate`)") from None
         return bucket_for(*size, buckets)
 
     return bucket_of

@@ -49,6 +49,8 @@ POSITIONS_KEYS = list(POSITIONS)
 TASKS = ("recolor", "remove", "add", "move")
 SPLITS = ("train", "val", "test")
 MIN_SIZE = 24
+MAX_SIZE = 4096  # a side beyond this is a typo (one 4096 px sample is already 48 MiB of pixels)
+MAX_SAMPLES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -210,12 +212,13 @@ def synthesize(out_dir: str | Path, n: int = 1000, size: int = 64, seed: int = 0
     written by this function (it holds synth.json).
     """
     out = Path(out_dir)
-    if n < 1:
-        raise UserError(f"--n must be at least 1, got {n}")
+    if not 1 <= n <= MAX_SAMPLES:
+        raise UserError(f"--n must be between 1 and {MAX_SAMPLES}, got {n}")
     if seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {seed}")
-    if size < MIN_SIZE:
-        raise UserError(f"--size must be at least {MIN_SIZE} pixels (shapes must stay recognisable), got {size}")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise UserError(f"--size must be between {MIN_SIZE} (shapes must stay recognisable) and {MAX_SIZE} pixels, "
+                        f"got {size}")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise UserError("val and test fractions must be in [0, 1) and sum to less than 1")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "synth.json").is_file())):

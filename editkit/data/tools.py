@@ -1,13 +1,38 @@
-"""Record-list tools behind `editkit data split` and `editkit data select`."""
+"""Record-list tools behind `editkit data split` and `editkit data select`, and the check that a
+name which becomes a file or folder name stays inside its output folder."""
 
 from __future__ import annotations
 
 import math
-
-import numpy as np
+from pathlib import Path
 
 from editkit.data.records import EditRecord
 from editkit.errors import UserError
+
+
+SPLIT_EXTENSIONS = ("jsonl", "json", "csv")
+
+
+def plain_name(name: str, what: str) -> str:
+    """`name` when it can be a file or folder name inside an output folder, else a UserError
+    naming `what` (a split name like '../evil' would write outside it)."""
+    if not name or name in (".", "..") or any(c in "/\\" or ord(c) < 32 for c in name):
+        raise UserError(f"{what}: {name!r} is not a plain name (it becomes a file name inside the output folder); "
+                        "use letters, digits, '-', '_' or '.', without '/', '\\' or '..'")
+    return name
+
+
+def split_paths(out: Path, names: list[str], ext: str) -> dict[str, Path]:
+    """OUT/<name>.<ext> for each split name; names must be plain, ext one of SPLIT_EXTENSIONS."""
+    ext = ext.lower().lstrip(".")
+    if ext not in SPLIT_EXTENSIONS:
+        raise UserError(f"--ext {ext!r}: use one of {', '.join(SPLIT_EXTENSIONS)}")
+    return {name: out / f"{plain_name(name, '--fractions')}.{ext}" for name in names}
+
+
+def where(record: EditRecord) -> str:
+    """How messages name a record: where it was read, else its id."""
+    return record.origin or f"record {record.id!r}"
 
 
 def parse_weights(text: str, what: str = "--fractions") -> dict[str, float]:
@@ -36,6 +61,8 @@ def split_records(records: list[EditRecord], fractions: dict[str, float], seed: 
     Counts use the largest-remainder rule so they sum to len(records); each split keeps the
     manifest's order.
     """
+    if seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {seed}")
     total = sum(fractions.values())
     if total <= 0:
         raise UserError("split fractions must sum to more than 0")
@@ -45,6 +72,8 @@ def split_records(records: list[EditRecord], fractions: dict[str, float], seed: 
     by_remainder = sorted(exact, key=lambda k: (-(exact[k] - counts[k]), list(exact).index(k)))
     for name in by_remainder[: n - sum(counts.values())]:
         counts[name] += 1
+    import numpy as np
+
     order = np.random.default_rng(seed).permutation(n)
     assignment = [""] * n
     start = 0
@@ -60,17 +89,17 @@ def score_of(record: EditRecord, field: str) -> float:
     value = record.metadata
     for part in field.split("."):
         if not isinstance(value, dict) or part not in value:
-            raise UserError(f"record {record.id!r}: metadata has no field {field!r}; "
+            raise UserError(f"{where(record)}: metadata has no field {field!r}; "
                             "choose --by from the manifest's extra fields")
         value = value[part]
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise UserError(f"record {record.id!r}: field {field!r} is {value!r}, not a number")
+        raise UserError(f"{where(record)}: field {field!r} is {value!r:.60}, not a number")
     try:
         number = float(value)
-    except ValueError:
-        raise UserError(f"record {record.id!r}: field {field!r} is {value!r}, not a number") from None
+    except (ValueError, OverflowError):
+        raise UserError(f"{where(record)}: field {field!r} is {value!r:.60}, not a number") from None
     if math.isnan(number):
-        raise UserError(f"record {record.id!r}: field {field!r} is NaN; fix or drop the record")
+        raise UserError(f"{where(record)}: field {field!r} is NaN; fix or drop the record")
     return number
 
 

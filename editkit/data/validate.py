@@ -1,8 +1,14 @@
 """`editkit data validate`: every problem of a manifest, one line each, with counts per kind.
 
-Checks: entries parse (see formats/folder), every referenced file exists and decodes, masks
-have their image's size (the target's, or the first source's when there is no target),
-instructions are not empty. Each distinct image file is decoded once, in a process pool.
+Checks: entries parse (see formats/folder), the manifest has at least one entry, every
+referenced file exists and decodes through the image policy (`editkit.data.images`: a mode it
+refuses is a problem), masks have their image's size (the target's, or the first source's when
+there is no target), instructions are not empty. Each distinct file is decoded once per role
+(image or mask), in a process pool.
+
+Warnings are informational and do not fail validation: a high-bit-depth file (16-bit, 32-bit
+or float; editkit reads it scaled to 8 bits by the range of its type) and an empty mask (all
+black after binarising: no edit region, so a masked edit changes nothing).
 """
 
 from __future__ import annotations
@@ -10,14 +16,14 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps
-
 from editkit.data.formats import SCHEMAS, column_name
+from editkit.data.images import binarize_mask, mask_size_problem, open_8bit
 from editkit.data.manifest import detect_format, parse_manifest
 from editkit.data.records import EditRecord
+from editkit.errors import UserError
 from editkit.utils.progress import parallel_map
 
 _WHERE = re.compile(r"^(.*?)(?::(\d+)|\[(\d+)\])$")
@@ -29,15 +35,18 @@ class Problem:
     field: str | None
     kind: str
     detail: str
+    warning: bool = False  # informational: does not fail validation
 
     def line(self) -> str:
-        return f"{self.where}: " + (f"field {self.field!r}: " if self.field else "") + self.detail
+        return (f"{self.where}: " + (f"field {self.field!r}: " if self.field else "")
+                + ("warning: " if self.warning else "") + self.detail)
 
 
 @dataclass
 class Report:
     records: int
     problems: list[Problem]
+    warnings: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -46,17 +55,47 @@ class Report:
     def counts(self) -> Counter:
         return Counter(p.kind for p in self.problems)
 
+    def warning_counts(self) -> Counter:
+        return Counter(w.kind for w in self.warnings)
 
-def check_image(path: Path) -> tuple[str | None, str, tuple[int, int] | None]:
-    """(problem kind or None, detail, size after EXIF orientation) for one image file."""
+    def lines(self, warnings_per_kind: int = 20) -> list[str]:
+        """Every problem and the first warnings of each kind, in manifest order, then a line per
+        kind saying how many warnings were left out (a folder of 16-bit files warns per file)."""
+        seen: Counter = Counter()
+        shown = []
+        for item in self.warnings:
+            seen[item.kind] += 1
+            if seen[item.kind] <= warnings_per_kind:
+                shown.append(item)
+        lines = [p.line() for p in sorted([*self.problems, *shown], key=lambda p: _place(p.where))]
+        return lines + [f"... and {n - warnings_per_kind} more {kind} warnings"
+                        for kind, n in sorted(seen.items()) if n > warnings_per_kind]
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """What validate learns from decoding one file in one role (image or mask)."""
+    kind: str | None  # problem kind, None when the file decodes
+    detail: str = ""
+    size: tuple[int, int] | None = None  # after EXIF orientation
+    depth_note: str | None = None  # how a high-bit-depth file is reduced to 8 bits
+    empty_mask: bool = False
+
+
+def check_image(job: tuple[Path, bool]) -> FileCheck:
+    """Decode one file (path, as_mask) the way every editkit job will."""
+    path, as_mask = job
     if not path.is_file():
-        return "missing-file", f"{path} not found", None
+        return FileCheck("missing-file", f"{path} not found")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return None, "", ImageOps.exif_transpose(img).size
+        img, note = open_8bit(path, "mask" if as_mask else "image")
+        empty = as_mask and binarize_mask(img).getextrema()[1] == 0
+    except UserError as err:
+        return FileCheck("undecodable", str(err))
     except Exception as err:  # noqa: BLE001 - any decoder failure is the file's problem
-        return "undecodable", f"{path} cannot be decoded ({err.__class__.__name__}: {str(err)[:80]})", None
+        return FileCheck("undecodable", f"{path} cannot be decoded ({err.__class__.__name__}: {str(err)[:80]}); "
+                         "replace or re-export the file")
+    return FileCheck(None, size=img.size, depth_note=note, empty_mask=empty)
 
 
 def _field_names(format: str, fields: dict[str, str] | None) -> dict[str, str]:
@@ -67,10 +106,11 @@ def _field_names(format: str, fields: dict[str, str] | None) -> dict[str, str]:
     return {attr: column_name(schema, attr, fields) for attr in ("sources", "target", "mask", "ref_gt", "instruction")}
 
 
-def _image_fields(record: EditRecord, names: dict[str, str]) -> list[tuple[str, Path]]:
-    out = [(f"{names['sources']}[{i}]" if len(record.sources) > 1 else names["sources"], p)
+def _image_fields(record: EditRecord, names: dict[str, str]) -> list[tuple[str, Path, bool]]:
+    """(column, path, read as a mask) for every file a record names."""
+    out = [(f"{names['sources']}[{i}]" if len(record.sources) > 1 else names["sources"], p, False)
            for i, p in enumerate(record.sources)]
-    out += [(names[attr], getattr(record, attr)) for attr in ("target", "mask", "ref_gt")
+    out += [(names[attr], getattr(record, attr), attr == "mask") for attr in ("target", "mask", "ref_gt")
             if getattr(record, attr) is not None]
     return out
 
@@ -88,7 +128,9 @@ def validate_manifest(path: str | os.PathLike, format: str | None = None, fields
             problems.append(Problem(where, names["instruction"], "empty-instruction", "is empty; write the edit instruction"))
     if check_images:
         problems += _image_problems(good, names, workers, progress)
-    return Report(len(good) + len(row_errors), sorted(problems, key=lambda p: _place(p.where)))
+    errors = sorted((p for p in problems if not p.warning), key=lambda p: _place(p.where))
+    warnings = sorted((p for p in problems if p.warning), key=lambda p: _place(p.where))
+    return Report(len(good) + len(row_errors), errors, warnings)
 
 
 def _place(where: str) -> tuple[str, int]:
@@ -101,26 +143,36 @@ def _place(where: str) -> tuple[str, int]:
 
 def _image_problems(good: list[tuple[str, EditRecord]], names: dict[str, str], workers: int,
                     progress: bool) -> list[Problem]:
-    unique = sorted({p for _, r in good for _, p in _image_fields(r, names)})
+    """Problems and warnings of every file the records name, each file decoded once per role."""
+    unique = sorted({(p, as_mask) for _, r in good for _, p, as_mask in _image_fields(r, names)})
     pool_workers = workers if len(unique) > 64 else 1  # a pool costs more than checking a few images
     results = parallel_map(check_image, unique, "checking images", "images", pool_workers, chunksize=16,
                            disable=not progress)
     checked = dict(zip(unique, results))
     problems = []
     for where, record in good:
-        for field, p in _image_fields(record, names):
-            kind, detail, _ = checked[p]
-            if kind:
-                problems.append(Problem(where, field, kind, detail + ("; fix the path" if kind == "missing-file"
-                                                                      else "; replace or re-export the file")))
+        for column, path, as_mask in _image_fields(record, names):
+            problems += _file_problems(where, column, checked[(path, as_mask)])
         if record.mask is not None:
             reference = record.target or (record.sources[0] if record.sources else None)
-            mask_size = checked[record.mask][2]
-            ref_size = checked[reference][2] if reference is not None else None
-            if mask_size and ref_size and mask_size != ref_size:
-                which = "target" if record.target else "source"
-                problems.append(Problem(where, names["mask"], "mask-size",
-                                        f"mask is {mask_size[0]}x{mask_size[1]} but the {which} is "
-                                        f"{ref_size[0]}x{ref_size[1]}; resize the mask to its image"))
+            mask_size = checked[(record.mask, True)].size
+            ref_size = checked[(reference, False)].size if reference is not None else None
+            problem = mask_size_problem(mask_size, ref_size, "target" if record.target else "source") \
+                if mask_size and ref_size else None
+            if problem:
+                problems.append(Problem(where, names["mask"], "mask-size", problem))
     return problems
 
+
+def _file_problems(where: str, column: str, check: FileCheck) -> list[Problem]:
+    if check.kind == "missing-file":
+        return [Problem(where, column, check.kind, check.detail + "; fix the path")]
+    if check.kind:
+        return [Problem(where, column, check.kind, check.detail)]
+    out = []
+    if check.depth_note:
+        out.append(Problem(where, column, "high-bit-depth", f"{check.depth_note} (informational)", warning=True))
+    if check.empty_mask:
+        out.append(Problem(where, column, "empty-mask", "is all black (no edit region), so a masked edit changes "
+                           "nothing; white (or any bright colour) marks the edit region", warning=True))
+    return out

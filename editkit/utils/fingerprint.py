@@ -67,7 +67,7 @@ def records_stamp(records) -> str:
     """One digest of the records' ids, texts and the stamps of every file they name."""
     h = hashlib.sha256()
     for r in records:
-        files = [*r.sources, r.target, r.mask]
+        files = [*r.sources, r.target, r.mask, r.ref_gt]
         h.update(json.dumps([r.id, r.instruction, [str(f) for f in files],
                              [file_stamp(f) if f else None for f in files]], default=str).encode())
     return h.hexdigest()
