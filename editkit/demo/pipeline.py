@@ -41,7 +41,7 @@ class Demo:
     """Paths and stages of one demo folder."""
 
     def __init__(self, out: str | Path, preset: DemoPreset, seed: int = 0):
-        self.out = Path(out)
+        self.out = Path(out).absolute()  # its configs name absolute paths (YAML paths are relative to the YAML)
         self.preset = preset
         self.seed = seed
         self.data = self.out / "data"
@@ -229,13 +229,12 @@ class Demo:
         from editkit.data import read_manifest
         from editkit.infer.dataset_run import DatasetRunConfig, run_dataset
         from editkit.infer.engine import Engine
-        from editkit.models import load_model
-
         from editkit.infer.dataset_run import cfg_folder
+        from editkit.models import load_model
 
         records = read_manifest(self.manifest("test"))
         model = load_model(str(self.model), transformer=self.transformer_dir, dtype="fp32", device="cpu")
-        engine = Engine(model, model_name=str(self.model))
+        engine = Engine(model, model_name=str(self.model), transformer_name=str(self.transformer_dir))
         for setting in sweep(self.preset):
             job = self.infer / "runs" / f"steps-{setting.steps}"
             config = DatasetRunConfig(cfgs=[setting.cfg], steps=setting.steps, seed=self.seed,

@@ -22,25 +22,24 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Noise seed.")]
 NegativeOpt = Annotated[str, typer.Option("--negative", help="Negative prompt for true CFG.")]
 SamplerOpt = Annotated[str, typer.Option("--sampler", help="flow (flow matching, true CFG) or bridge (LBM-trained models).")]
 FusionOpt = Annotated[str, typer.Option("--fusion", help="off, pixel-mask, latent-mask or latent+pixel-mask (needs a mask; white = edit).")]
-FeatherOpt = Annotated[int, typer.Option("--feather", help="Pixel-mask seam width in pixels.")]
-WidthOpt = Annotated[Optional[int], typer.Option("--width", help="Output width (default: the family's area at the source's aspect).")]
-HeightOpt = Annotated[Optional[int], typer.Option("--height", help="Output height.")]
+FeatherOpt = Annotated[int, typer.Option("--feather", help="Pixel-mask seam width in pixels (0 to 256).")]
+WidthOpt = Annotated[Optional[int], typer.Option("--width", help="Output width, a multiple of the model's size multiple (16) up to 4096 (default: the family's area at the source's aspect).")]
+HeightOpt = Annotated[Optional[int], typer.Option("--height", help="Output height (as --width).")]
 
 
 def _engine(model: str, family, transformer, dtype: str, device, lora, fuse_lora: bool):
-    """Load the model (and LoRAs) into an Engine; LoRA specs are checked before the slow load."""
-    import torch
-
+    """Load the model (and LoRAs) into an Engine; device and LoRA specs are checked before the slow load."""
     from editkit.infer.engine import Engine
     from editkit.models import load_model
     from editkit.models.lora import LoraSpec
+    from editkit.utils import dist
 
+    device = dist.resolve_device(device)
     specs = [LoraSpec.parse(s) for s in lora or []]
     if dtype == "auto":
-        on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        dtype = "bf16" if on_gpu else "fp32"
+        dtype = "bf16" if device.startswith("cuda") else "fp32"
     engine = Engine(load_model(model, family=family, transformer=transformer, dtype=dtype, device=device),
-                    model_name=str(model))
+                    model_name=str(model), transformer_name=str(transformer) if transformer else None)
     if specs:
         engine.load_loras(specs, fuse=fuse_lora)
     return engine
@@ -68,7 +67,7 @@ def _step_bar():
 def edit_command(
     image: Annotated[list[Path], typer.Option("--image", help="Source image (repeat for several).")],
     prompt: Annotated[str, typer.Option("--prompt", help="The edit instruction.")],
-    out: Annotated[Path, typer.Option("--out", help="Output PNG (settings stored in its text chunk).")],
+    out: Annotated[Path, typer.Option("--out", help="Output image: .png (settings in its text chunk), .jpg/.jpeg/.webp (settings in <out>.json).")],
     model: ModelOpt,
     negative: NegativeOpt = " ",
     cfg: Annotated[float, typer.Option("--cfg", help="True CFG scale (1 turns CFG off).")] = 4.0,
@@ -89,16 +88,24 @@ def edit_command(
 ) -> None:
     """Edit one image (or several source images) with an instruction."""
     from editkit.data.images import load_image, load_mask
-    from editkit.infer.engine import EditRequest
-    from editkit.infer.outputs import save_png
+    from editkit.errors import UserError
+    from editkit.infer.engine import EditRequest, check_mask_size
+    from editkit.infer.outputs import check_output_file, save_image
 
-    request = EditRequest(prompt=prompt, images=[load_image(p) for p in image], negative_prompt=negative,
-                          true_cfg_scale=cfg, steps=steps, seed=seed, width=width, height=height,
-                          mask=load_mask(mask) if mask else None, fusion=fusion, feather=feather,
+    check_output_file(out)
+    if mask is not None and fusion == "off":
+        raise UserError(f"--mask {mask}: a mask is used only by mask fusion; add --fusion pixel-mask "
+                        "(or latent-mask, latent+pixel-mask), or leave --mask out")
+    images = [load_image(p) for p in image]
+    mask_image = load_mask(mask) if mask else None
+    if mask_image is not None and images:
+        check_mask_size(mask_image.size, images[0].size, f"--mask {mask}")
+    request = EditRequest(prompt=prompt, images=images, negative_prompt=negative, true_cfg_scale=cfg, steps=steps,
+                          seed=seed, width=width, height=height, mask=mask_image, fusion=fusion, feather=feather,
                           sampler=sampler).check()
     engine = _engine(model, family, transformer, dtype, device, lora, fuse_lora)
     result = engine.edit([request], progress=_step_bar())[0]
-    save_png(out, result, engine.settings(request))
+    save_image(out, result, engine.settings(request))
     typer.echo(f"wrote {out} ({result.width}x{result.height})")
 
 
@@ -124,8 +131,11 @@ def chat_command(
     """
     from editkit.data.images import load_image
     from editkit.errors import UserError
+    from editkit.infer.engine import check_cfg, check_sampling
     from editkit.infer.session import EditSession
 
+    check_cfg(cfg)
+    check_sampling(steps, seed, "flow", 0)
     images = [load_image(p) for p in image]
     save = save or Path(f"chat-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     engine = _engine(model, family, transformer, dtype, device, lora, fuse_lora)
@@ -182,6 +192,9 @@ def infer_command(
     height: HeightOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Requests per batch (CFG doubles the transformer batch).")] = 4,
     format: Annotated[Optional[str], typer.Option("--format", help="Manifest format (detected when left out).")] = None,
+    field: Annotated[Optional[list[str]], typer.Option("--field", help="NAME=COLUMN when the manifest names a field differently, e.g. prompt=caption (repeatable).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Remove the images already in the CFG folders and make them again (needed when settings, model, LoRAs or data changed).")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out records whose images or masks cannot be used, report them at the end (and in run.json), and go on.")] = False,
     family: FamilyOpt = None,
     transformer: TransformerOpt = None,
     dtype: DtypeOpt = "auto",
@@ -189,18 +202,21 @@ def infer_command(
 ) -> None:
     """Edit a whole dataset; sharded across processes (torchrun / accelerate launch), resumable."""
     from editkit.data import read_manifest
-    from editkit.infer.dataset_run import DatasetRunConfig, parse_cfgs, run_dataset
-    from editkit.infer.fusion import check_mode
+    from editkit.data.manifest import parse_field_overrides
+    from editkit.infer.dataset_run import DatasetRunConfig, bad_summary, check_out_folder, parse_cfgs, run_dataset
     from editkit.utils import dist
 
+    check_out_folder(out)
     config = DatasetRunConfig(cfgs=parse_cfgs(cfg), steps=steps, seed=seed, negative_prompt=negative,
-                              fusion=check_mode(fusion), feather=feather, sampler=sampler, width=width,
-                              height=height, batch_size=batch_size)
-    records = read_manifest(data, format=format)
-    engine = _engine(model, family, transformer, dtype, dist.process_device(device), lora, fuse_lora)
-    result = run_dataset(engine, records, out, config)
+                              fusion=fusion, feather=feather, sampler=sampler, width=width,
+                              height=height, batch_size=batch_size).check()
+    records = read_manifest(data, format=format, fields=parse_field_overrides(field))
+    engine = _engine(model, family, transformer, dtype, device, lora, fuse_lora)
+    result = run_dataset(engine, records, out, config, overwrite=overwrite, skip_bad=skip_bad)
     typer.echo(f"rank {dist.rank()}: wrote {len(result.written)} image(s), skipped {result.skipped} finished, "
                f"into {out}")
+    if result.bad:
+        typer.echo(f"rank {dist.rank()}: {bad_summary(result.bad)} (all listed in the run manifests)", err=True)
 
 
 lora_app = typer.Typer(help="LoRA files: convert between key layouts, inspect.", no_args_is_help=True)
@@ -220,6 +236,8 @@ def lora_convert(
         raise UserError(f"--to {to!r}: use one of {', '.join(lora.LAYOUTS)}")
     if dest.resolve() == src.resolve():
         raise UserError(f"{dest}: is the input file; write the converted LoRA to another path")
+    if dest.is_dir():
+        raise UserError(f"{dest}: is a folder; give the converted LoRA a file name such as {dest / 'lora.safetensors'}")
     state_dict, header = lora.load_lora(src)
     source_layout = lora.detect_layout(state_dict, str(src))
     keep = {k: v for k, v in header.items() if k not in ("format", "editkit_layout", lora.METADATA_KEY)}

@@ -5,6 +5,17 @@ per CFG folder (`run.json`, or `run-rank<r>.json` when several processes share t
 Each process (torchrun / `accelerate launch`) takes every world-size-th record; an output that
 exists is skipped, and outputs are written atomically, so a killed run restarted with the same
 arguments finishes the same images it would have made uninterrupted.
+
+Resuming is safe only when the images on disk came from the same settings, so each CFG folder
+keeps a fingerprint (`editkit.utils.fingerprint.claim_folder`) of everything that decides its
+images: the sampling settings, the model, LoRA files and scales, and the records with their files.
+A re-run with other ones is refused unless `overwrite=True`, which removes the old images first.
+Every rank computes the same fingerprint from all the records; rank 0 writes it, and with
+`overwrite` each rank removes only its own records' images (rank 0 also images of no record).
+
+A record that cannot be used (missing or corrupt image, bad mask) stops the run with one line
+naming it (`record.origin or record.id`); with `skip_bad=True` it is reported and the run goes
+on (`load_record`, `bad_summary`: the same semantics serve other record jobs).
 """
 
 from __future__ import annotations
@@ -14,15 +25,20 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 from editkit.errors import UserError
-from editkit.infer.engine import EditRequest, Engine
+from editkit.infer.engine import EditRequest, Engine, check_cfg, check_mask_size, check_sampling, check_side
+from editkit.infer.fusion import check_mode
 from editkit.infer.outputs import save_png
 from editkit.utils import dist
+from editkit.utils.fingerprint import claim_folder, records_stamp
 from editkit.utils.progress import make_progress
 from editkit.utils.runinfo import write_run_manifest
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+RUN_MANIFEST = "run.json"
 
 
 @dataclass
@@ -40,12 +56,71 @@ class DatasetRunConfig:
     window: int = 8
     """Records loaded at once (in batches), so requests of one shape can be grouped."""
 
+    def check(self) -> DatasetRunConfig:
+        """UserError for a setting no run can use (sizes against the model: `Engine.check_size`)."""
+        if not self.cfgs:
+            raise UserError("--cfg is empty; give at least one value, e.g. 4")
+        folders = [cfg_folder(".", cfg).name for cfg in self.cfgs]
+        if len(set(folders)) < len(folders):
+            raise UserError(f"--cfg lists a value twice ({', '.join(folders)}); give each value once")
+        for cfg in self.cfgs:
+            check_cfg(cfg)
+        check_sampling(self.steps, self.seed, self.sampler, self.feather)
+        check_mode(self.fusion)
+        check_side(self.width, "--width")
+        check_side(self.height, "--height")
+        if self.batch_size < 1 or self.window < 1:
+            raise UserError(f"--batch-size {self.batch_size}: use 1 or more requests per batch")
+        return self
+
+    def fingerprint(self, cfg: float) -> dict:
+        """The settings that decide the images of one CFG folder (batching changes only rounding)."""
+        settings = {k: v for k, v in vars(self).items() if k not in ("cfgs", "batch_size", "window")}
+        return {**settings, "true_cfg_scale": float(cfg)}
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A record a job could not use: its name (`record.origin or record.id`) and the one-line problem."""
+
+    name: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.problem}"
+
 
 @dataclass
 class DatasetRunResult:
     written: list[Path] = field(default_factory=list)
     skipped: int = 0
     without_mask: int = 0
+    bad: list[BadRecord] = field(default_factory=list)
+    """Records left out with `skip_bad` (each once, whatever the number of CFG values)."""
+
+
+def record_name(record) -> str:
+    return record.origin or record.id
+
+
+def load_record(record, load: Callable[[], T], skip_bad: bool, bad: list[BadRecord]) -> T | None:
+    """`load()` for one record. A UserError from it (missing or corrupt file, bad mask) becomes one
+    line naming the record; with `skip_bad` it is appended to `bad` and None is returned instead."""
+    try:
+        return load()
+    except UserError as err:
+        problem = BadRecord(record_name(record), str(err))
+        if not skip_bad:
+            raise UserError(f"record {problem}; fix it, or pass --skip-bad to go on without it") from None
+        bad.append(problem)
+        return None
+
+
+def bad_summary(bad: Sequence[BadRecord], shown: int = 3) -> str:
+    """One line for the end of a job: how many records were left out, and the first few."""
+    first = "; ".join(str(b) for b in bad[:shown])
+    more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
+    return f"skipped {len(bad)} bad record(s): {first}{more}"
 
 
 def cfg_folder(out_dir: str | os.PathLike, cfg: float) -> Path:
@@ -60,6 +135,14 @@ def output_path(folder: Path, record_id: str) -> Path:
     return folder.joinpath(*rel.parts)
 
 
+def check_out_folder(out_dir: str | os.PathLike) -> Path:
+    """The output folder of a run: a folder or a path to create, not an existing file."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: is a file; infer writes a folder (cfg-<value>/<id>.png), give a folder path")
+    return out_dir
+
+
 def parse_cfgs(text: str) -> list[float]:
     """'2.5,4,5.5' -> [2.5, 4.0, 5.5]."""
     try:
@@ -72,17 +155,27 @@ def parse_cfgs(text: str) -> list[float]:
 
 
 def run_dataset(engine: Engine, records: Sequence, out_dir: str | os.PathLike, config: DatasetRunConfig,
-                show_progress: bool = True, on_saved: Callable[[Path], None] | None = None) -> DatasetRunResult:
+                show_progress: bool = True, on_saved: Callable[[Path], None] | None = None,
+                overwrite: bool = False, skip_bad: bool = False) -> DatasetRunResult:
     """Edit this process's share of `records` at every CFG value of `config`; see the module docstring."""
-    from editkit.data.images import load_image, load_mask
-
-    out_dir = Path(out_dir)
-    mine = dist.shard(list(records))
+    out_dir = check_out_folder(out_dir)
+    records = list(records)
+    if not records:
+        raise UserError("no records to edit: the manifest is empty")
+    config.check()
+    engine.check_size(config.width, config.height)
+    mine = dist.shard(records)
+    inputs = {**engine.fingerprint(), "records": records_stamp(records)}
+    folders = {cfg: cfg_folder(out_dir, cfg) for cfg in config.cfgs}
+    for cfg, folder in folders.items():  # every folder is checked before any is touched
+        claim_folder(folder, "infer", {**config.fingerprint(cfg), **inputs}, overwrite=overwrite,
+                     write=dist.rank() == 0)
     result = DatasetRunResult()
     todo = []
-    for cfg in config.cfgs:
-        folder = cfg_folder(out_dir, cfg)
+    for cfg, folder in folders.items():
         folder.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            _clear_outputs(folder, mine, records)
         _write_manifest(engine, folder, cfg, config, len(records))
         for record in mine:
             path = output_path(folder, record.id)
@@ -94,27 +187,28 @@ def run_dataset(engine: Engine, records: Sequence, out_dir: str | os.PathLike, c
     if result.skipped:
         log.info("skipping %d finished output(s) in %s", result.skipped, out_dir)
 
-    def request(cfg, record) -> EditRequest:
-        use_mask = config.fusion != "off" and record.mask is not None
-        if config.fusion != "off" and not use_mask:
-            result.without_mask += 1
-        return EditRequest(
-            prompt=record.instruction, images=[load_image(p) for p in record.sources],
-            negative_prompt=config.negative_prompt, true_cfg_scale=cfg, steps=config.steps, seed=config.seed,
-            width=config.width, height=config.height, sampler=config.sampler, feather=config.feather,
-            fusion=config.fusion if use_mask else "off", mask=load_mask(record.mask) if use_mask else None)
-
-    window = max(1, config.window) * max(1, config.batch_size)
+    window = config.window * config.batch_size
+    bad_ids: set[str] = set()
     with make_progress("img", disable=not show_progress) as progress:
         task = progress.add_task(f"infer rank {dist.rank()}/{dist.world_size()}", total=len(todo),
                                  status=f"skipped {result.skipped}" if result.skipped else "")
         for start in range(0, len(todo), window):
-            chunk = todo[start:start + window]
-            requests = [request(cfg, record) for cfg, record, _ in chunk]
+            chunk, requests = [], []
+            for cfg, record, path in todo[start:start + window]:
+                request = None
+                if record.id not in bad_ids:  # a bad record is reported once, not once per CFG value
+                    request = load_record(record, lambda: _request(record, cfg, config, result), skip_bad,
+                                          result.bad)
+                if request is None:
+                    bad_ids.add(record.id)
+                    progress.advance(task)
+                    continue
+                chunk.append((record, path))
+                requests.append(request)
             for batch in engine.group(requests, config.batch_size):
                 images = engine.edit([requests[i] for i in batch], max_batch=config.batch_size)
                 for i, image in zip(batch, images):
-                    cfg, record, path = chunk[i]
+                    record, path = chunk[i]
                     save_png(path, image, {**engine.settings(requests[i]), "id": record.id})
                     result.written.append(path)
                     progress.advance(task)
@@ -122,7 +216,50 @@ def run_dataset(engine: Engine, records: Sequence, out_dir: str | os.PathLike, c
                         on_saved(path)
     if result.without_mask:
         log.warning("%d request(s) had no mask: saved without %s fusion", result.without_mask, config.fusion)
+    if result.bad:
+        for cfg, folder in folders.items():
+            _write_manifest(engine, folder, cfg, config, len(records), result.bad)
     return result
+
+
+def _request(record, cfg: float, config: DatasetRunConfig, result: DatasetRunResult) -> EditRequest:
+    """The checked request of one record at one CFG value (its images loaded; UserError if it cannot be)."""
+    from editkit.data.images import load_image, load_mask
+
+    use_mask = config.fusion != "off" and record.mask is not None
+    images = [load_image(p) for p in record.sources]
+    mask = load_mask(record.mask) if use_mask else None
+    if mask is not None and images:
+        check_mask_size(mask.size, images[0].size, f"mask {record.mask}")
+    if config.fusion != "off" and not use_mask:
+        result.without_mask += 1
+    return EditRequest(
+        prompt=record.instruction, images=images, negative_prompt=config.negative_prompt, true_cfg_scale=cfg,
+        steps=config.steps, seed=config.seed, width=config.width, height=config.height, sampler=config.sampler,
+        feather=config.feather, fusion=config.fusion if use_mask else "off", mask=mask,
+        label=f"record {record_name(record)}").check()
+
+
+def _manifest_name(rank: int, world: int) -> str:
+    return RUN_MANIFEST if world == 1 else f"run-rank{rank}.json"
+
+
+def _clear_outputs(folder: Path, mine: Sequence, records: Sequence) -> None:
+    """Remove this rank's records' images and run manifest; rank 0 also images of no record and the
+    manifests of ranks this run does not have. No two ranks remove the same file."""
+    for record in mine:
+        output_path(folder, record.id).unlink(missing_ok=True)
+    (folder / _manifest_name(dist.rank(), dist.world_size())).unlink(missing_ok=True)
+    if dist.rank() != 0:
+        return
+    expected = {output_path(folder, r.id) for r in records}
+    for png in folder.rglob("*.png"):
+        if png not in expected and not png.name.startswith(".tmp-"):
+            png.unlink()
+    manifests = {_manifest_name(r, dist.world_size()) for r in range(dist.world_size())}
+    for old in [folder / RUN_MANIFEST, *folder.glob("run-rank*.json")]:
+        if old.name not in manifests:
+            old.unlink(missing_ok=True)
 
 
 def _remove_stale_temp_files(path: Path) -> None:
@@ -131,10 +268,13 @@ def _remove_stale_temp_files(path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def _write_manifest(engine: Engine, folder: Path, cfg: float, config: DatasetRunConfig, total: int) -> None:
-    name = "run.json" if dist.world_size() == 1 else f"run-rank{dist.rank()}.json"
+def _write_manifest(engine: Engine, folder: Path, cfg: float, config: DatasetRunConfig, total: int,
+                    bad: Sequence[BadRecord] = ()) -> None:
     settings = {k: v for k, v in vars(config).items() if k != "cfgs"}
+    extra = {"bad_records": [{"record": b.name, "problem": b.problem} for b in bad]} if bad else {}
     write_run_manifest(folder, "infer", {**settings, "true_cfg_scale": cfg, "model": engine.model_name,
+                                         "transformer": engine.transformer_name,
                                          "family": engine.model.family.name,
                                          "lora": [[s.path, s.scale] for s in engine.loras]},
-                       seed=config.seed, name=name, records=total, rank=dist.rank(), world_size=dist.world_size())
+                       seed=config.seed, name=_manifest_name(dist.rank(), dist.world_size()), records=total,
+                       rank=dist.rank(), world_size=dist.world_size(), **extra)

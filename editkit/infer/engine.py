@@ -21,6 +21,14 @@ from editkit.errors import UserError
 from editkit.infer import fusion as fusion_ops
 
 SAMPLERS = ("flow", "bridge")
+MAX_SIDE = 4096
+"""Largest output width or height (a 4096x4096 edit already needs far more than one GPU's memory)."""
+MAX_STEPS = 1000
+MAX_CFG = 50.0
+"""True CFG scales above this only burn the image (the pipelines' examples use 2.5 to 6)."""
+MAX_FEATHER = 256
+MAX_SEED = 2**63 - 1
+"""torch.Generator.manual_seed takes 64-bit seeds; editkit keeps them to the non-negative half."""
 Progress = Callable[[int, int], None]
 """`progress(steps_done, steps_total)` over all requests of one `Engine.edit` call."""
 
@@ -49,35 +57,79 @@ class EditRequest:
     feather: int = 8
     bridge_noise: float = 0.005
 
+    label: str | None = None
+    """What messages call this request (a dataset record's origin or id); not a sampling setting."""
+
     def check(self) -> EditRequest:
+        """The request itself, or a UserError for a setting no model can run (sizes are checked
+        against the model's size multiple by `Engine.check_size`)."""
         if not self.prompt or not self.prompt.strip():
             raise UserError("the edit instruction is empty; write what to change")
-        if self.steps < 1:
-            raise UserError(f"steps must be at least 1, got {self.steps}")
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"sampler {self.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
-        if self.sampler == "flow" and self.steps < 2:
-            # one step gives sigmas [1.0]; the scheduler's terminal shift then divides by zero
-            raise UserError(f"the flow sampler needs at least 2 steps, got {self.steps}")
+        check_sampling(self.steps, self.seed, self.sampler, self.feather)
+        check_cfg(self.true_cfg_scale)
+        check_side(self.width, "--width")
+        check_side(self.height, "--height")
         fusion_ops.check_mode(self.fusion)
         if self.fusion != "off" and self.mask is None:
             raise UserError(f"fusion {self.fusion!r} needs a mask (white = edit region); give --mask or use fusion off")
         if self.fusion != "off" and not self.images:
             raise UserError(f"fusion {self.fusion!r} needs a source image to take the background from")
+        if self.mask is not None and self.images:
+            check_mask_size(self.mask.size, self.images[0].size)
         return self
+
+
+def check_sampling(steps: int, seed: int, sampler: str, feather: int) -> None:
+    """UserError for --steps, --seed, --sampler or --feather values outside what the engine runs."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"--sampler {sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise UserError(f"--steps {steps}: steps must be at least 1 and at most {MAX_STEPS}")
+    if sampler == "flow" and steps < 2:
+        # one step gives sigmas [1.0]; the scheduler's terminal shift then divides by zero
+        raise UserError(f"--steps {steps}: the flow sampler needs at least 2 steps")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed {seed}: seeds go from 0 to 2**63-1 ({MAX_SEED})")
+    if not 0 <= feather <= MAX_FEATHER:
+        raise UserError(f"--feather {feather}: the seam width goes from 0 to {MAX_FEATHER} pixels")
+
+
+def check_cfg(scale: float, option: str = "--cfg") -> float:
+    """A true CFG scale from 1 (off) to MAX_CFG; inf or nan would sample black images."""
+    if not math.isfinite(scale) or not 1.0 <= scale <= MAX_CFG:
+        raise UserError(f"{option} {scale}: use a CFG scale from 1 (off) to {MAX_CFG:g}, e.g. 4")
+    return scale
+
+
+def check_side(side: int | None, option: str) -> None:
+    """An output width/height: None (follow the source) or 1..MAX_SIDE (the multiple: `Engine.check_size`)."""
+    if side is not None and not 1 <= side <= MAX_SIDE:
+        raise UserError(f"{option} {side}: output sides go from 1 to {MAX_SIDE} pixels (or leave it out)")
+
+
+def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int], what: str = "the mask") -> None:
+    """Masks must match the source image they apply to, as `editkit data validate` demands (a
+    resized mask would put the edit region somewhere else than the user drew it)."""
+    from editkit.data.images import mask_size_problem
+
+    problem = mask_size_problem(mask_size, image_size, "first source image")
+    if problem:
+        raise UserError(f"{what}: {problem}")
 
 
 class Engine:
     """Runs `EditRequest`s on an `EditModel`, with LoRA adapters and mask fusion.
 
-    `model_name` is recorded in the outputs' settings; `max_batch` caps the requests per batch
+    `model_name` (and `transformer_name`, when the transformer came from another folder) are
+    recorded in the outputs' settings and fingerprints; `max_batch` caps the requests per batch
     (the CFG passes double the transformer batch). Calls from several threads (a web app) run one
     at a time, so a LoRA change never lands in the middle of an edit.
     """
 
-    def __init__(self, model, model_name: str = "", max_batch: int = 4):
+    def __init__(self, model, model_name: str = "", max_batch: int = 4, transformer_name: str | None = None):
         self.model = model
         self.model_name = model_name
+        self.transformer_name = transformer_name
         self.max_batch = max_batch
         self.loras: list = []
         self._lock = threading.RLock()
@@ -105,9 +157,35 @@ class Engine:
     def output_size(self, request: EditRequest) -> tuple[int, int]:
         return self.model.output_size(request.images, request.width, request.height)
 
+    def check_size(self, width: int | None, height: int | None) -> None:
+        """Explicit output sides must be multiples of the model's size multiple (and in range)."""
+        unit = self.model.size_multiple
+        for side, option in ((width, "--width"), (height, "--height")):
+            check_side(side, option)
+            if side is not None and side % unit:
+                lower = max(unit, side // unit * unit)
+                raise UserError(f"{option} {side}: output sides must be multiples of {unit} for this model "
+                                f"(e.g. {lower} or {lower + unit})")
+
+    def fingerprint(self) -> dict:
+        """What about the loaded weights decides the images, for resumable jobs' fingerprints: the
+        model (and transformer) folder stamps, family, dtype, and every LoRA's bytes and scale."""
+        from editkit.utils.fingerprint import file_digest, folder_stamp
+
+        return {
+            "model": self.model_name,
+            "model_files": folder_stamp(self.model_name) if self.model_name else None,
+            "transformer": self.transformer_name,
+            "transformer_files": folder_stamp(self.transformer_name) if self.transformer_name else None,
+            "family": self.model.family.name,
+            "dtype": str(self.model.dtype),
+            "lora": [[spec.path, file_digest(spec.path), spec.scale] for spec in self.loras],
+        }
+
     def settings(self, request: EditRequest) -> dict:
         """What produced an output (stored in its PNG): enough to run it again."""
         width, height = self.output_size(request)
+        extra = {"transformer": self.transformer_name} if self.transformer_name else {}
         return {
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
@@ -122,6 +200,7 @@ class Engine:
             "model": self.model_name,
             "family": self.model.family.name,
             "lora": [[spec.path, spec.scale] for spec in self.loras],
+            **extra,
         }
 
     # ----- editing ---------------------------------------------------------------------------
@@ -140,6 +219,8 @@ class Engine:
              max_batch: int | None = None) -> list[Image.Image]:
         """Run every request; returns one image per request, in order."""
         requests = [req.check() for req in requests]
+        for req in requests:
+            self.check_size(req.width, req.height)
         with self._lock:
             return self._edit(requests, progress, max_batch)
 
@@ -179,7 +260,10 @@ class Engine:
             runner = self._masked(reqs, width, height, torch.zeros_like(source))
             packed = sampler.bridge_sample(runner, inputs, source, first.steps, first.bridge_noise, seeds,
                                            callback=step)
-        images = model.to_pil(model.decode_packed(packed, width, height).float())
+        _check_finite(packed, reqs, "sampled latents")
+        pixels = model.decode_packed(packed, width, height).float()
+        _check_finite(pixels, reqs, "decoded pixels")
+        images = model.to_pil(pixels)
         return [self._fuse_pixels(r, img) for r, img in zip(reqs, images)]
 
     def _source_latents(self, reqs: list[EditRequest], width: int, height: int) -> torch.Tensor:
@@ -206,6 +290,18 @@ class Engine:
         if req.fusion in fusion_ops.PIXEL_MODES:
             return fusion_ops.paste_background(image, req.images[0], req.mask, req.feather)
         return image
+
+
+def _check_finite(values: torch.Tensor, reqs: list[EditRequest], what: str) -> None:
+    """Refuse NaN/inf latents or pixels: saved, they would be black images that look like results."""
+    finite = torch.isfinite(values).flatten(1).all(dim=1).tolist()
+    bad = [req for req, ok in zip(reqs, finite) if not ok]
+    if bad:
+        name = bad[0].label or f"the edit {bad[0].prompt[:60]!r}"
+        more = f" (and {len(bad) - 1} more of its batch)" if len(bad) > 1 else ""
+        raise UserError(f"{name}{more}: the {what} are not finite (NaN or inf), so no image was saved; likely "
+                        "cause: a LoRA with broken weights or a huge scale, an extreme CFG scale, or fp16 overflow "
+                        "(try --dtype bf16 or fp32)")
 
 
 class _LatentMasked:

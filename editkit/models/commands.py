@@ -13,13 +13,14 @@ model_app = typer.Typer(help="Model folders: write tiny presets, inspect a model
 
 @model_app.command("save-tiny")
 def save_tiny_command(
-    out_dir: Path = typer.Argument(..., help="Folder to write (replaced atomically if it exists)."),
+    out_dir: Path = typer.Argument(..., help="Folder to write (an earlier model folder there is replaced atomically)."),
     family: str = typer.Option(DEFAULT_FAMILY, "--family", help=f"One of: {', '.join(FAMILIES)}."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
 ) -> None:
     """Write the tiny preset of a family as a diffusers-format model folder."""
     from editkit.models.loading import save_tiny
 
+    _check_replaceable(out_dir)
     path = save_tiny(out_dir, family=family, seed=seed)
     typer.echo(f"wrote tiny {family} model to {path}")
 
@@ -43,6 +44,17 @@ def info_command(
     typer.echo(f"transformer: {config.get('num_layers')} layers, in_channels {config.get('in_channels')}, {flags}")
     for name, count in info["parameters"].items():
         typer.echo(f"{name}: {count:,} parameters")
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Only an empty folder or an earlier model folder may be replaced: never a file or other work."""
+    from editkit.errors import UserError
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: is a file; give a folder path for the model")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "model_index.json").is_file():
+        raise UserError(f"{out_dir}: is a folder that holds no model (no model_index.json) and would be replaced; "
+                        "give a new or empty folder")
 
 
 def register(app: typer.Typer) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import re
 import warnings
@@ -39,6 +40,8 @@ from editkit.errors import UserError
 
 LAYOUTS = ("diffusers", "peft", "diffsynth", "comfyui")
 """Layouts editkit writes (and reads); `kohya` files are read too."""
+MAX_SCALE = 10.0
+"""Largest |scale| of a LoRA applied at inference; beyond it the weights only blow up the image."""
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 _COMFY_PREFIX = "diffusion_model."
 _DIFFUSERS_PREFIX = "transformer."
@@ -231,7 +234,16 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
         if "lora_alpha" in config:
             for name, alpha in _alphas_from_metadata(list(modules), config).items():
                 state_dict[f"transformer.{name}.alpha"] = torch.tensor(alpha)
+    _check_finite(state_dict, path)
     return state_dict, header
+
+
+def _check_finite(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """A NaN or inf weight turns every edit into a black image: refuse the file, naming the tensor."""
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{path}: tensor {key!r} holds NaN or inf values; the LoRA is broken "
+                            "(a diverged training run?) — use an earlier checkpoint")
 
 
 # --- adapters on a live transformer (diffusers' PEFT integration) -------------------------------
@@ -242,6 +254,11 @@ class LoraSpec:
 
     path: str
     scale: float = 1.0
+
+    def __post_init__(self):
+        if not math.isfinite(self.scale) or abs(self.scale) > MAX_SCALE:
+            raise UserError(f"LoRA {self.path}: scale {self.scale} is out of range; use a finite scale from "
+                            f"-{MAX_SCALE:g} to {MAX_SCALE:g} (1 = as trained)")
 
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
