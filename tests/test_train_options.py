@@ -83,6 +83,7 @@ def test_resuming_with_another_sharding_is_a_clear_error(cache_dir, tmp_path):
     assert data["sharding"] is None
     data["sharding"] = "fsdp"
     state.write_text(json.dumps(data))
+    cfg.loop.max_steps = 4  # extended: a finished run would be resumed as a no-op
     with pytest.raises(UserError, match="saved by a fsdp run, resumed as unsharded"):
         train(cfg, resume="latest", progress=False)
 
@@ -102,7 +103,7 @@ def test_checkpoint_from_a_staging_folder(tmp_path):
     assert (dest / "optimizer_shards" / "rank1.bin").read_bytes() == b"x"
     assert ckpt.load_checkpoint(dest)["state"]["step"] == 5
     assert ckpt.latest_checkpoint(root) == dest
-    ckpt.remove_stale_staging(root)
+    ckpt.remove_stale_temp(tmp_path)
     assert not (root / ".staging-step-000002").exists()
 
 

@@ -9,7 +9,8 @@ A checkpoint folder `checkpoints/step-000123/` holds
   state, written by all ranks (editkit.train.sharded); `optimizer.pt` is then empty.
 The folder is written beside its final name and renamed (utils.atomic), so a killed run leaves
 only complete checkpoints. Sharded runs fill the staging folder `.staging-step-NNNNNN` from every
-rank first; the main process adds the rest and renames it.
+rank first; the main process adds the rest and renames it. What a killed save leaves behind
+(`.tmp-*`, `.staging-step-*`) is removed when the run starts again (`remove_stale_temp`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from editkit.errors import UserError
 from editkit.utils.atomic import atomic_dir, replace_dir
+from editkit.utils.fingerprint import FILE_NAME as FINGERPRINT
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -112,27 +114,62 @@ def _staged(staging: Path, dest: Path):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def remove_stale_staging(root: str | Path) -> None:
-    """Drop what a run killed while saving left behind."""
-    root = Path(root)
-    if root.is_dir():
-        for stale in root.glob(".staging-step-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+# what a run writes into its output folder (besides config.yaml, rewritten at every start)
+RUN_OUTPUTS = ("checkpoints", "final", "previews", "tensorboard", "wandb", "metrics.csv", "run.json", FINGERPRINT)
+_TEMP_GLOBS = ((".", ".tmp-*"), ("checkpoints", ".tmp-*"), ("checkpoints", ".staging-step-*"), ("previews", ".tmp-*"))
+
+
+def earlier_outputs(run_dir: str | Path) -> list[str]:
+    """The names of RUN_OUTPUTS that run_dir already holds."""
+    return [name for name in RUN_OUTPUTS if (Path(run_dir) / name).exists()]
+
+
+def clear_outputs(run_dir: str | Path) -> None:
+    """Delete a previous run's outputs (RUN_OUTPUTS and temporary files) from run_dir, nothing else."""
+    run_dir = Path(run_dir)
+    remove_stale_temp(run_dir)
+    for name in earlier_outputs(run_dir):
+        _remove(run_dir / name)
+
+
+def remove_stale_temp(run_dir: str | Path) -> None:
+    """Drop what a run killed while writing left behind: temporary checkpoint, final/, metrics and
+    preview files (`.tmp-*`) and the staging folders of sharded saves."""
+    run_dir = Path(run_dir)
+    for folder, pattern in _TEMP_GLOBS:
+        for stale in (run_dir / folder).glob(pattern):
+            _remove(stale)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+_NEEDED = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
+
+
+def read_state(path: str | Path) -> dict:
+    """state.json of a complete checkpoint folder (step, sampler, fingerprint, ...)."""
+    path = Path(path)
+    missing = [n for n in _NEEDED if not (path / n).is_file()]
+    if missing:
+        raise UserError(f"{path}: not a complete checkpoint (missing {', '.join(missing)}); pick another step")
+    return json.loads((path / "state.json").read_text())
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """All parts of a checkpoint folder (tensors on the CPU)."""
     path = Path(path)
-    needed = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
-    missing = [n for n in needed if not (path / n).is_file()]
-    if missing:
-        raise UserError(f"{path}: not a complete checkpoint (missing {', '.join(missing)}); pick another step")
+    state = read_state(path)
     return {
         "trainable": load_file(str(path / "trainable.safetensors")),
         "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
         "scheduler": torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"),
         "rng": torch.load(path / "rng.pt", weights_only=True, map_location="cpu"),
-        "state": json.loads((path / "state.json").read_text()),
+        "state": state,
     }
 
 

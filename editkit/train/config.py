@@ -2,15 +2,22 @@
 
 `load_config(path, overrides)` returns a validated `TrainConfig`; any mistake (unknown field,
 wrong type, bad override) becomes one `UserError` line naming the file and the field.
+
+Paths (`model` when it is a folder, `transformer`, `output_dir`, `data.train[].manifest`,
+`data.cache`, `data.val`) written in a YAML file are relative to that file's folder, as paths in
+a manifest are relative to the manifest; `key=value` overrides and configs given as dicts
+(`validate_config`) are relative to the working directory. Every path comes out absolute, so the
+`config.yaml` a run writes beside its outputs reads back the same from anywhere.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from editkit.errors import UserError
 
@@ -32,19 +39,40 @@ class DataConfig(_Strict):
     cache: list[str] = Field(default_factory=list)  # cache folders written by `editkit cache`
     cache_weights: list[float] | None = None  # mixing weights of the cache folders
     val: str | None = None  # manifest of the fixed validation / preview samples
+    fields: dict[str, str] = Field(default_factory=dict)  # manifest columns under other names, e.g. {prompt: caption}
     area: int = Field(1024 * 1024, gt=0)  # target pixel area of a bucket
     multiple: int = 32  # bucket sides are multiples of this
-    max_ratio: float = 4.0
-    condition_area: int | None = None  # VAE area of condition images; None = the family default
+    max_ratio: float = Field(4.0, ge=1)
+    condition_area: int | None = Field(None, gt=0)  # VAE area of condition images; None = the family default
     batch_size: int = Field(1, ge=1)
     instruction: Literal["en", "cn", "mixed"] = "en"  # which embedding variant to train on
     cn_probability: float = Field(0.5, ge=0, le=1)  # with instruction=mixed
     inverse_probability: float = Field(0.0, ge=0, le=1)  # train this share of batches on the inverse edit
 
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, fields: dict[str, str]) -> dict[str, str]:
+        from editkit.data.formats import SCHEMAS
+
+        known = {n for schema in SCHEMAS.values() for pair in schema.items() for n in pair}
+        for key, column in fields.items():
+            if key not in known:
+                raise ValueError(f"unknown record field {key!r}; use one of {', '.join(sorted(known))}")
+            if not column.strip():
+                raise ValueError(f"{key}: give the column name the manifest uses")
+        return fields
+
+    @field_validator("cache_weights")
+    @classmethod
+    def _positive_weights(cls, weights: list[float] | None) -> list[float] | None:
+        if weights is not None and any(w <= 0 for w in weights):
+            raise ValueError("every weight must be greater than 0")
+        return weights
+
 
 class LoraConfig(_Strict):
     rank: int = Field(16, ge=1, le=512)
-    alpha: float | None = None  # None = rank (scale 1)
+    alpha: float | None = Field(None, gt=0)  # None = rank (scale 1)
     dropout: float = Field(0.0, ge=0, lt=1)
     targets: str | list[str] = "default"  # default | expanded | all-linear | module-name patterns
     init: Literal["default", "gaussian"] = "default"
@@ -66,9 +94,16 @@ class ModelSection(_Strict):
 class TimestepConfig(_Strict):
     sampling: Literal["uniform", "logit_normal", "shifted", "discrete"] = "shifted"
     mean: float = 0.0  # logit-normal
-    std: float = 1.0  # logit-normal
-    values: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # discrete set
+    std: float = Field(1.0, gt=0)  # logit-normal
+    values: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], min_length=1)  # discrete set
     weighting: Literal["none", "sd3", "bell"] = "none"
+
+    @field_validator("values")
+    @classmethod
+    def _sigmas(cls, values: list[float]) -> list[float]:
+        if any(not 0 < v <= 1 for v in values):
+            raise ValueError("every value must be a sigma in (0, 1]")
+        return values
 
 
 class LbmConfig(_Strict):
@@ -92,11 +127,18 @@ class OptimConfig(_Strict):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    max_grad_norm: float | None = 1.0  # ignored (no clipping) with prodigy_sf
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, ge=0)  # 0 or null: no clipping; ignored (no clipping) with prodigy_sf
     schedule: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial",
                       "constant_with_warmup"] = "constant_with_warmup"
     warmup_steps: int = Field(0, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if any(not 0 <= b < 1 for b in betas):
+            raise ValueError("both betas must be in [0, 1)")
+        return betas
 
     @model_validator(mode="after")
     def _prodigy_lr(self):
@@ -115,7 +157,7 @@ class TrainLoop(_Strict):
     validate_every: int = Field(0, ge=0)  # 0 = off
     preview_every: int = Field(0, ge=0)  # 0 = off
     preview_steps: int = Field(8, ge=1)
-    preview_cfg: float = 1.0
+    preview_cfg: float = Field(1.0, ge=0)
     val_samples: int = Field(4, ge=1)
     tensorboard: bool = True
     wandb: bool = False  # offline mode; needs `pip install wandb`
@@ -125,13 +167,13 @@ class TrainLoop(_Strict):
 class VaeStage(_Strict):
     """The `vae` stage: an AutoencoderKLQwenImage trained from scratch on images."""
 
-    base_dim: int = 8  # the defaults are the tiny preset's VAE shape, so the tiny transformer fits it
-    z_dim: int = 4
-    dim_mult: list[int] = Field(default_factory=lambda: [1, 2, 2, 2])
-    num_res_blocks: int = 1
+    base_dim: int = Field(8, ge=1)  # the defaults are the tiny preset's VAE shape, so the tiny transformer fits it
+    z_dim: int = Field(4, ge=1)
+    dim_mult: list[int] = Field(default_factory=lambda: [1, 2, 2, 2], min_length=2)
+    num_res_blocks: int = Field(1, ge=1)
     temperal_downsample: list[bool] | None = None  # default: [False, True, True, ...] as the Qwen VAE
-    input_channels: int = 3
-    size: int = 64  # training images are resized/cropped to size x size
+    input_channels: Literal[3, 4] = 3  # 4: an RGBA VAE
+    size: int = Field(64, ge=1)  # training images are resized/cropped to size x size
     loss: Literal["l1", "mse"] = "l1"
     kl_weight: float = Field(1e-6, ge=0)
     stats_batches: int = Field(8, ge=1)  # batches used to measure latents_mean/std at the end
@@ -143,7 +185,7 @@ class TrainConfig(_Strict):
     family: str | None = None
     transformer: str | None = None  # a transformer folder replacing the model's
     output_dir: str = "runs/train"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2 ** 32)  # numpy takes 32-bit seeds
     data: DataConfig = Field(default_factory=DataConfig)
     train: ModelSection = Field(default_factory=ModelSection)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
@@ -167,6 +209,39 @@ class TrainConfig(_Strict):
         if self.data.cache_weights is not None and len(self.data.cache_weights) != len(self.data.cache):
             raise ValueError("data.cache_weights: give one weight per data.cache folder")
         return self
+
+
+# What a resume may change: where and how often the run reports, saves, validates and previews,
+# and speed/memory switches that leave the maths alone. Every other setting (stage, model, data,
+# objective, optimiser and lr, schedule, seed, LoRA, batch size, accumulation, precision) enters
+# the run's fingerprint, and `--resume` refuses a run folder made with other values.
+RESUMABLE = ("output_dir", "data.val", "train.gradient_checkpointing", "train.compile",
+             "loop.checkpoint_every", "loop.keep_last", "loop.log_every", "loop.validate_every",
+             "loop.preview_every", "loop.preview_steps", "loop.preview_cfg", "loop.val_samples",
+             "loop.tensorboard", "loop.wandb", "loop.export_lora")
+STEP_FREE_SCHEDULES = ("constant", "constant_with_warmup")  # learning rates that do not depend on loop.max_steps
+
+
+def max_steps_resumable(cfg: TrainConfig) -> bool:
+    """Whether a run may be extended (loop.max_steps raised on resume) without changing its past:
+    true when the learning rate does not depend on the total (constant schedules, prodigy_sf)."""
+    return cfg.optim.name == "prodigy_sf" or cfg.optim.schedule in STEP_FREE_SCHEDULES
+
+
+def _flatten(node: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def trajectory_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings (dotted names) that decide the trained weights: the config minus RESUMABLE."""
+    free = set(RESUMABLE) | ({"loop.max_steps"} if max_steps_resumable(cfg) else set())
+    return {k: v for k, v in _flatten(cfg.model_dump(mode="json")).items() if k not in free}
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -201,9 +276,45 @@ def _first_error(err: ValidationError) -> str:
     return f"field {field}: {msg}"
 
 
+def _absolute(value, base: Path):
+    """A path value made absolute against base (anything that is not a string is left to validation)."""
+    if not isinstance(value, str) or not value:
+        return value
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+def _is_tiny(spec) -> bool:
+    from editkit.models.loading import TINY_PREFIX
+
+    return isinstance(spec, str) and (spec == TINY_PREFIX or spec.startswith(TINY_PREFIX + ":"))
+
+
+def absolute_paths(raw: dict, base: str | Path) -> dict:
+    """A copy of a raw config whose relative paths are made absolute against base."""
+    base = Path(base).absolute()
+    out = dict(raw)
+    for key in ("transformer", "output_dir"):
+        if key in raw:
+            out[key] = _absolute(raw[key], base)
+    if "model" in raw and not _is_tiny(raw["model"]):
+        out["model"] = _absolute(raw["model"], base)
+    data = raw.get("data")
+    if isinstance(data, dict):
+        data = out["data"] = dict(data)
+        if "val" in data:
+            data["val"] = _absolute(data["val"], base)
+        if isinstance(data.get("cache"), list):
+            data["cache"] = [_absolute(c, base) for c in data["cache"]]
+        if isinstance(data.get("train"), list):
+            data["train"] = [{**d, "manifest": _absolute(d["manifest"], base)}
+                             if isinstance(d, dict) and "manifest" in d else d for d in data["train"]]
+    return out
+
+
 def validate_config(raw: dict, source: str = "config") -> TrainConfig:
+    """A checked TrainConfig; relative paths still in `raw` are taken against the working directory."""
     try:
-        return TrainConfig.model_validate(raw)
+        return TrainConfig.model_validate(absolute_paths(raw, Path.cwd()))
     except ValidationError as err:
         raise UserError(f"{source}: {_first_error(err)}") from None
 
@@ -225,5 +336,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise UserError(f"{p}{where}: not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
         if not isinstance(raw, dict):
             raise UserError(f"{p}: the config must be a mapping of sections (stage, model, data, ...)")
+        raw = absolute_paths(raw, p.parent)
     return validate_config(apply_overrides(raw, overrides or []), source)
 

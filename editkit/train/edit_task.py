@@ -12,7 +12,7 @@ import torch
 
 from editkit.data.records import EditRecord
 from editkit.errors import UserError
-from editkit.train.config import TrainConfig
+from editkit.train.config import DataConfig, TrainConfig
 from editkit.train.objectives import LossOutput, flow_matching_loss, lbm_loss
 from editkit.train.samples import (TrainBatch, can_reverse, collate, encode_record, reverse_sample, sample_key,
                                    white_latents)
@@ -22,12 +22,38 @@ LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "comfyui": "lora_
               "diffsynth": "lora_diffsynth.safetensors"}
 
 
-class _CachedSource:
-    def __init__(self, folder: str):
-        from editkit.train.cache import CacheReader
+def read_records(manifest: str, fields: dict[str, str] | None = None) -> list[EditRecord]:
+    """A training manifest's records; errors that suggest `--field` also say how a config sets it."""
+    from editkit.data import read_manifest
 
+    try:
+        return read_manifest(manifest, fields=fields or None)
+    except UserError as err:
+        if "--field" not in str(err):
+            raise
+        raise UserError(f"{err}; in a training config: data.fields: {{NAME: COLUMN}}, "
+                        "e.g. data.fields: {prompt: caption}") from None
+
+
+def open_cache(folder: str, data: DataConfig):
+    """A cache's reader, refused when the cache was built with another --area / --multiple than
+    data.area / data.multiple (its buckets would not be the ones the config names)."""
+    from editkit.train.cache import CacheReader
+
+    reader = CacheReader(folder)
+    built = reader.manifest.get("config", {})
+    for option, key in (("--area", "area"), ("--multiple", "multiple")):
+        if key in built and built[key] != getattr(data, key):
+            wanted = getattr(data, key)
+            raise UserError(f"{folder}: cache built with {option} {built[key]} but data.{key} is {wanted}; "
+                            f"set data.{key}: {built[key]}, or rebuild the cache with {option} {wanted}")
+    return reader
+
+
+class _CachedSource:
+    def __init__(self, folder: str, data: DataConfig):
         self.name = Path(folder).name
-        self.reader = CacheReader(folder)
+        self.reader = open_cache(folder, data)
         self.ids = self.reader.ids
         if not self.ids:
             raise UserError(f"{folder}: the cache holds no records; run `editkit cache` first")
@@ -44,13 +70,12 @@ class _CachedSource:
 
 
 class _OnlineSource:
-    def __init__(self, manifest: str, model, buckets, name: str | None = None, keep: bool = False):
+    def __init__(self, manifest: str, model, buckets, name: str | None = None, keep: bool = False,
+                 fields: dict[str, str] | None = None):
         """keep=True holds encoded samples in memory (the few fixed validation records)."""
-        from editkit.data import read_manifest
-
         self.name = name or Path(manifest).stem
         self._kept: dict[int, dict[str, torch.Tensor]] | None = {} if keep else None
-        self.records = [r for r in read_manifest(manifest) if r.target is not None]
+        self.records = [r for r in read_records(manifest, fields) if r.target is not None]
         if not self.records:
             raise UserError(f"{manifest}: no records with a target image; training needs source/target pairs")
         self.model = model
@@ -132,14 +157,16 @@ class EditTask:
             raise UserError(f"data.multiple={cfg.data.multiple}: must be a multiple of {self.model.size_multiple} "
                             "for this model (VAE downsampling x 2x2 packing)")
         buckets = make_buckets(cfg.data.area, cfg.data.multiple, cfg.data.max_ratio)
+        fields = cfg.data.fields
         if cfg.data.cache:
-            self.sources = [_CachedSource(c) for c in cfg.data.cache]
+            self.sources = [_CachedSource(c, cfg.data) for c in cfg.data.cache]
             weights = cfg.data.cache_weights or [1.0] * len(self.sources)
         else:
-            self.sources = [_OnlineSource(d.manifest, self.model, buckets, d.name) for d in cfg.data.train]
+            self.sources = [_OnlineSource(d.manifest, self.model, buckets, d.name, fields=fields)
+                            for d in cfg.data.train]
             weights = [d.weight for d in cfg.data.train]
         self.sampler = mixing_sampler(self.sources, weights, cfg.data.batch_size, cfg.seed, rank, world)
-        self.val = _OnlineSource(cfg.data.val, self.model, buckets, keep=True) if cfg.data.val else None
+        self.val = _OnlineSource(cfg.data.val, self.model, buckets, keep=True, fields=fields) if cfg.data.val else None
         self.info = setup_trainable(self.model.transformer, cfg.train)
         if cfg.data.cache and not self._needs_encoders():
             self.model.text_encoder = self.model.vae = None  # the cache replaces them; free the memory

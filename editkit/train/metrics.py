@@ -18,8 +18,7 @@ class MetricsLogger:
                  run_name: str | None = None, config: dict | None = None, resume_step: int = 0):
         self.out_dir = Path(out_dir)
         self.csv_path = self.out_dir / "metrics.csv"
-        self.rows = _read_rows(self.csv_path, resume_step)
-        self.columns = list(self.rows[0]) if self.rows else ["step"]
+        self.columns, self.rows = _read_rows(self.csv_path, resume_step)
         if self.rows or self.csv_path.exists():
             self._rewrite()
         self.tb = None
@@ -80,9 +79,12 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def _read_rows(path: Path, keep_until: int) -> list[dict]:
+def _read_rows(path: Path, keep_until: int) -> tuple[list[str], list[dict]]:
+    """The columns (the file's header: every column any row has) and the rows up to step keep_until."""
     if not path.is_file() or keep_until <= 0:
-        return []
+        return ["step"], []
     with open(path, newline="") as f:
-        return [{k: float(v) if k != "step" else int(v) for k, v in r.items() if v not in ("", None)}
-                for r in csv.DictReader(f) if int(r["step"]) <= keep_until]
+        reader = csv.DictReader(f)
+        rows = [{k: float(v) if k != "step" else int(v) for k, v in r.items() if v not in ("", None)}
+                for r in reader if int(r["step"]) <= keep_until]
+        return list(reader.fieldnames or ["step"]), rows

@@ -23,9 +23,11 @@ import torch
 from editkit.errors import UserError
 from editkit.train import checkpoint as ckpt
 from editkit.train import sharded as shard
-from editkit.train.config import TrainConfig
+from editkit.train.config import TrainConfig, max_steps_resumable, trajectory_settings
 from editkit.train.optim import build_optimizer, build_schedule, clips_gradients, eval_mode, train_mode
 from editkit.train.trainable import load_trainable_state_dict, trainable_state_dict
+from editkit.utils.fingerprint import FILE_NAME as FINGERPRINT
+from editkit.utils.fingerprint import claim_folder, digest, folder_stamp, records_stamp
 
 MEMORY_HINT = ("lower memory with train.gradient_checkpointing=true, a smaller data.batch_size (raise "
                "loop.grad_accum to keep the effective batch), a smaller data.area or train.lora.rank, "
@@ -87,45 +89,118 @@ def _plain_model_init(accelerator):
         plugin.set_deepspeed_weakref()
 
 
-def _prepare_output(cfg: TrainConfig, accelerator) -> Path:
+def run_fingerprint(cfg: TrainConfig) -> dict:
+    """What decides the trained weights (editkit.utils.fingerprint): the settings a resume may not
+    change (editkit.train.config.trajectory_settings), with the model, caches and manifests by
+    identity (file stamps, shard checksums, record stamps) instead of by path."""
+    from editkit.train.edit_task import open_cache, read_records
+
+    inputs = trajectory_settings(cfg)
+    inputs["model"] = folder_stamp(cfg.model)
+    inputs["transformer"] = folder_stamp(cfg.transformer) if cfg.transformer else None
+    inputs["data.cache"] = [_cache_identity(open_cache(c, cfg.data)) for c in cfg.data.cache]
+    inputs["data.train"] = [{**d.model_dump(), "manifest": records_stamp(read_records(d.manifest, cfg.data.fields))}
+                            for d in cfg.data.train]
+    return inputs
+
+
+def _cache_identity(reader) -> str:
+    """A cache by content: its shards' sha256 and its record index."""
+    return digest({"shards": reader.shards, "records": reader.records})
+
+
+def _check_output(out: Path, fingerprint: dict, resume: str | None, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder (every rank, before anything is written)."""
+    if overwrite:
+        if resume is not None:
+            raise UserError("give --resume (continue the run in output_dir) or --overwrite (delete it and start "
+                            "again), not both")
+        return
+    earlier = ckpt.earlier_outputs(out)
+    if not earlier:
+        return
+    if resume is None:
+        raise UserError(f"{out}: holds an earlier run ({', '.join(earlier[:3])}); pass --resume latest to continue "
+                        "it, --overwrite to delete its outputs and start again, or choose another output_dir")
+    if not (out / FINGERPRINT).is_file():
+        raise UserError(f"{out}: holds a run without {FINGERPRINT} (an older editkit), so its settings cannot be "
+                        "checked; pass --overwrite to start again, or choose another output_dir")
+    claim_folder(out, "train", fingerprint, write=False)
+
+
+def _check_checkpoint(cfg: TrainConfig, path: Path, saved: dict, run_digest: str) -> None:
+    """A checkpoint (maybe from another folder) resumes only a run of the same fingerprint."""
+    if saved.get("fingerprint") != run_digest:
+        raise UserError(f"{path}: made by a run with other settings or inputs (or by an older editkit) than this "
+                        "config; resume a checkpoint of this run, or train into a new output_dir without --resume")
+    if saved["step"] > cfg.loop.max_steps:
+        raise UserError(f"{path}: is at step {saved['step']}, past loop.max_steps={cfg.loop.max_steps}; "
+                        f"give loop.max_steps={saved['step']} or more")
+
+
+def _finished(cfg: TrainConfig, out: Path, path: Path, step: int, final: Path) -> dict:
+    """The summary of resuming a run that has already reached loop.max_steps: nothing to do."""
+    more = ("raise loop.max_steps to train further" if max_steps_resumable(cfg) else
+            f"its {cfg.optim.schedule} schedule depends on loop.max_steps, so train longer in a new output_dir")
+    return {"steps": step, "resumed_from": str(path), "seconds": 0.0, "steps_run": 0, "output_dir": str(out),
+            "final": str(final),
+            "note": f"{out}: already trained to loop.max_steps={step} (weights in {final}); nothing to do ({more})"}
+
+
+def _prepare_output(cfg: TrainConfig, accelerator, out: Path, fingerprint: dict, overwrite: bool) -> None:
+    """Record the fingerprint (clearing old outputs with --overwrite), drop what a killed run left
+    half-written, write the resolved config: on the main process, once every rank has checked."""
+    import yaml
+
     from editkit.utils.atomic import write_text
 
-    out = Path(cfg.output_dir)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        import yaml
-
+        claim_folder(out, "train", fingerprint, overwrite=overwrite, clear=lambda: ckpt.clear_outputs(out))
+        ckpt.remove_stale_temp(out)
         write_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     accelerator.wait_for_everyone()
-    return out
 
 
 def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None,
-          progress: bool = True) -> dict:
-    """Run (or resume) a training job; returns a summary. `stop_after` ends early (tests a kill)."""
+          progress: bool = True, overwrite: bool = False) -> dict:
+    """Run (or resume) a training job; returns a summary. `stop_after` ends early (tests a kill).
+
+    A folder holding an earlier run is refused unless `resume` ("latest" or a checkpoint folder)
+    continues it, with the same fingerprint, or `overwrite` deletes its outputs first.
+    """
     cfg.loop.mixed_precision = _mixed_precision(cfg)
     accelerator = make_accelerator(cfg)
     try:
-        return _train(cfg, accelerator, resume, stop_after, progress)
+        return _train(cfg, accelerator, resume, overwrite, stop_after, progress)
     except torch.OutOfMemoryError:
         raise UserError(f"out of memory on {accelerator.device}; {MEMORY_HINT}") from None
 
 
-def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
+def _train(cfg: TrainConfig, accelerator, resume, overwrite, stop_after, progress) -> dict:
     from accelerate.utils import DistributedType, gather_object, set_seed
 
     from editkit.utils.runinfo import write_run_manifest
 
     set_seed(cfg.seed)  # identical model init on every rank
-    out = _prepare_output(cfg, accelerator)
+    out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
+    fingerprint = run_fingerprint(cfg)
+    run_digest = digest(fingerprint)
+    _check_output(out, fingerprint, resume, overwrite)
     resume_path = ckpt.resolve_resume(resume, ckpt_root)
+    if resume_path is not None:
+        saved = ckpt.read_state(resume_path)
+        _check_checkpoint(cfg, resume_path, saved, run_digest)
+        sharded_run = shard.kind(accelerator) is not None
+        if saved["step"] == cfg.loop.max_steps and ((out / "final").is_dir() or sharded_run):
+            return _finished(cfg, out, resume_path, saved["step"], resume_path if sharded_run else out / "final")
+    _prepare_output(cfg, accelerator, out, fingerprint, overwrite)
     with _plain_model_init(accelerator):
         task = build_task(cfg, accelerator)
     module = task.module
     state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
-    if accelerator.is_main_process:
-        ckpt.remove_stale_staging(ckpt_root)
     if state is not None:  # weights go in before accelerate wraps (and, under FSDP, shards) the module
         load_trainable_state_dict(module, state["trainable"], str(resume_path))
     params = [p for p in module.parameters() if p.requires_grad]
@@ -188,7 +263,8 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
         if accelerator.is_main_process:
             ckpt.save_checkpoint(
                 ckpt_root, at_step, trainable, {} if sharded else optimizer.state_dict(), schedule.state_dict(), rng,
-                {"sampler": samplers, "stage": cfg.stage, "sharding": sharded}, cfg.loop.keep_last,
+                {"sampler": samplers, "stage": cfg.stage, "sharding": sharded, "fingerprint": run_digest},
+                cfg.loop.keep_last,
                 extra_files={"export": export} if cfg.loop.export_lora and export else None, staging=staging)
         accelerator.wait_for_everyone()
         train_mode(optimizer)
@@ -234,13 +310,17 @@ def _train(cfg: TrainConfig, accelerator, resume, stop_after, progress) -> dict:
             lr = schedule.get_last_lr()[0]
             total = accelerator.gather(torch.tensor([total], device=accelerator.device)).mean().item()  # all ranks
             step_seconds = time.perf_counter() - step_start  # the gather above waited for every rank's step
-            if logger is not None and step % cfg.loop.log_every == 0:
+            row = {}
+            if step % cfg.loop.log_every == 0:
                 row = {"loss": total, "lr": lr, "step_seconds": step_seconds, **parts}
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
-                logger.log(step, row)
             bar.update(task_id, completed=step, status=f"loss {total:.4f}")
-            _periodic(cfg, task, optimizer, accelerator, logger, out, step)
+            val_loss = _periodic(cfg, task, optimizer, accelerator, logger, out, step)
+            if val_loss is not None:
+                row["val_loss"] = val_loss
+            if logger is not None and row:
+                logger.log(step, row)  # one row per step, validation included
             if step % cfg.loop.checkpoint_every == 0 or step == cfg.loop.max_steps:
                 save(step)
             if stop_after is not None and step >= stop_after:
@@ -284,12 +364,14 @@ def _configure_sharding(cfg: TrainConfig, accelerator) -> str | None:
     return shard.kind(accelerator)
 
 
-def _periodic(cfg: TrainConfig, task, optimizer, accelerator, logger, out: Path, step: int) -> None:
-    """Validation loss and previews on the main process, with schedule-free weights in eval mode."""
+def _periodic(cfg: TrainConfig, task, optimizer, accelerator, logger, out: Path, step: int) -> float | None:
+    """Previews and (returned) the validation loss, on the main process, with schedule-free weights
+    in eval mode."""
     do_val = cfg.loop.validate_every and step % cfg.loop.validate_every == 0
     do_preview = cfg.loop.preview_every and step % cfg.loop.preview_every == 0
     if not (do_val or do_preview):
-        return
+        return None
+    value = None
     eval_mode(optimizer)
     module = accelerator.unwrap_model(task.module)
     wrapped = task.module
@@ -300,8 +382,6 @@ def _periodic(cfg: TrainConfig, task, optimizer, accelerator, logger, out: Path,
         if do_val:
             with accelerator.autocast():
                 value = task.validation_loss(cfg.seed)
-            if value is not None:
-                logger.log(step, {"val_loss": value})
         if do_preview:
             path = task.preview(out / "previews" / f"step-{step:06d}.png", cfg.loop.preview_steps,
                                 cfg.loop.preview_cfg)
@@ -311,6 +391,7 @@ def _periodic(cfg: TrainConfig, task, optimizer, accelerator, logger, out: Path,
     task.set_module(wrapped)
     accelerator.wait_for_everyone()
     train_mode(optimizer)
+    return value
 
 
 def _to_bytes(obj) -> bytes:

@@ -82,13 +82,13 @@ def build_vae(cfg: TrainConfig):
                                   latents_mean=[0.0] * v.z_dim, latents_std=[1.0] * v.z_dim)
 
 
-def image_paths(manifests: list[str]) -> list[Path]:
+def image_paths(manifests: list[str], fields: dict[str, str] | None = None) -> list[Path]:
     """Every target and source image of the manifests, once each, in a stable order."""
-    from editkit.data import read_manifest
+    from editkit.train.edit_task import read_records
 
     seen: dict[str, Path] = {}
     for m in manifests:
-        for r in read_manifest(m):
+        for r in read_records(m, fields):
             for p in [*r.sources, *([r.target] if r.target is not None else [])]:
                 seen.setdefault(str(Path(p).resolve()), Path(p))
     if not seen:
@@ -100,7 +100,7 @@ class VaeTask:
     def __init__(self, cfg: TrainConfig, device, rank: int = 0, world: int = 1):
         self.cfg = cfg
         self.device = device
-        self.paths = image_paths([d.manifest for d in cfg.data.train])
+        self.paths = image_paths([d.manifest for d in cfg.data.train], cfg.data.fields)
         self.vae = single_frame_convs(build_vae(cfg).to(device))
         self.module = VaeForTraining(self.vae)
         from editkit.data.mixing import BucketBatchSampler
