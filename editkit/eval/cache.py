@@ -1,7 +1,10 @@
 """Per-sample result cache: one small JSON file per (run, record), written atomically.
 
-An entry remembers the prediction file's size and mtime; a changed prediction invalidates it.
-Feature vectors (for FID/KID) are stored as base64 float32 so the files stay small.
+An entry remembers a stamp of everything its values were computed from (`sample_stamp`): the
+prediction, the ground truth, the sources and the mask (path, size and mtime of each) and the
+texts (instruction, CLIP-T caption). Any change invalidates it. Settings that hold for a whole
+evaluation (resize policy, metric weights) are in the out folder's fingerprint (runner). Feature
+vectors (for FID/KID) are stored as base64 float32 so the files stay small.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from editkit.utils.atomic import write_json
+from editkit.utils.fingerprint import digest, file_stamp
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -28,9 +32,13 @@ def entry_path(cache_dir: Path, run: str, record_id: str) -> Path:
     return Path(cache_dir) / run / f"{safe}.json"
 
 
-def stamp(path: Path) -> list[int]:
-    st = Path(path).stat()
-    return [st.st_size, st.st_mtime_ns]
+def sample_stamp(record, pred_path: Path) -> str:
+    """A digest of the files and texts one (prediction, record) pair is scored from."""
+    from editkit.eval.sample import caption
+
+    files = [pred_path, record.target, *record.sources, record.mask]
+    return digest({"files": [[str(f), file_stamp(f)] if f else None for f in files],
+                   "texts": [record.instruction, caption(record)]})
 
 
 def encode_vector(vector: np.ndarray) -> str:
@@ -48,7 +56,7 @@ def _json_value(value: float) -> float | None:
 class Entry:
     """Cached values and feature vectors of one prediction."""
 
-    def __init__(self, stamp_: list[int], values: dict | None = None, features: dict | None = None):
+    def __init__(self, stamp_: str, values: dict | None = None, features: dict | None = None):
         self.stamp = stamp_
         self.values: dict[str, float] = values or {}
         self.features: dict[str, str] = features or {}
@@ -74,9 +82,9 @@ class Entry:
         write_json(path, {"stamp": self.stamp, "values": self.values, "features": self.features}, indent=None)
 
 
-def load_entry(path: Path, pred_path: Path) -> Entry:
-    """The cached entry if it belongs to the current prediction file, else an empty one."""
-    current = stamp(pred_path)
+def load_entry(path: Path, record, pred_path: Path) -> Entry:
+    """The cached entry if it was computed from the current files and texts, else an empty one."""
+    current = sample_stamp(record, pred_path)
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):

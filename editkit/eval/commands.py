@@ -10,15 +10,35 @@ import typer
 from editkit.errors import UserError
 
 
-def expand_dirs(patterns: list[str]) -> list[Path]:
-    """Folders named or matched by glob patterns, in order, without duplicates."""
-    out: list[Path] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise UserError(f"--pred {pattern}: the pattern matches nothing")
-        out += [Path(m) for m in matches if Path(m).is_dir() or not glob.has_magic(pattern)]
-    return list(dict.fromkeys(out))
+def split_name(item: str) -> tuple[str | None, str]:
+    """`NAME=PATH` -> (NAME, PATH); a plain path (also one with '=' in it that exists) -> (None, item)."""
+    name, sep, path = item.partition("=")
+    if sep and name and path and "/" not in name and not glob.has_magic(name) and not Path(item).exists():
+        return name, path
+    return None, item
+
+
+def _matches(pattern: str, option: str) -> list[Path]:
+    matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    if not matches:
+        raise UserError(f"{option} {pattern}: the pattern matches nothing")
+    return [Path(m) for m in matches if Path(m).is_dir() or not glob.has_magic(pattern)]
+
+
+def expand_preds(items: list[str]):
+    """`--pred` values as runs, in order: DIR or a glob (one run per folder, named by the folder) or
+    NAME=DIR (one folder, named NAME); a folder given twice counts once."""
+    from editkit.eval.runner import Run
+
+    runs: dict[Path, Run] = {}
+    for item in items:
+        name, pattern = split_name(item)
+        folders = _matches(pattern, "--pred")
+        if name is not None and len(folders) != 1:
+            raise UserError(f"--pred {item}: NAME=DIR names one folder, but {pattern} matches {len(folders)}")
+        for folder in folders:
+            runs.setdefault(folder, Run(name or folder.name, folder))
+    return list(runs.values())
 
 
 def parse_weights(items: list[str]) -> dict[str, Path]:
@@ -39,7 +59,8 @@ def parse_metrics(items: list[str] | None) -> list[str] | None:
 
 def eval_command(
     pred: list[str] = typer.Option(..., "--pred", help="Prediction folder(s) of <id>.png; repeat or use a glob "
-                                                        "(one run per folder, named by the folder)."),
+                                                        "(one run per folder, named by the folder), or NAME=DIR "
+                                                        "to name the run."),
     data: Path = typer.Option(..., "--data", help="Manifest of the evaluated records (ground truth, masks, sources)."),
     out: Path = typer.Option(..., "--out", help="Output folder (per_sample.csv, summary.json, cache/)."),
     metrics: list[str] = typer.Option(None, "--metrics", help="Metric groups, comma-separated: pixel, seam, effnet, "
@@ -48,27 +69,36 @@ def eval_command(
     weights: list[str] = typer.Option([], "--weights", help="NAME=PATH: a weights folder for a feature metric "
                                                             "(HF format), e.g. clip=/models/clip-vit-base-patch32."),
     format: str = typer.Option(None, "--format", help="Manifest format (default: detected)."),
+    field: list[str] = typer.Option(None, "--field", help="NAME=COLUMN: read a manifest field from another column, "
+                                                          "e.g. --field prompt=caption (repeat)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Samples per feature-model batch."),
     device: str = typer.Option(None, "--device", help="Torch device (default: this rank's GPU, else CPU)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Recompute everything in --out (needed when its "
+                                                              "results were made with other metric weights)."),
 ) -> None:
     """Score prediction folders against a manifest (resumable; shard with torchrun)."""
     import json
 
-    from editkit.data import read_manifest
+    from editkit.data import parse_field_overrides, read_manifest
+    from editkit.eval.metrics import FEATURE_METRICS
     from editkit.eval.runner import evaluate
     from editkit.utils.runinfo import write_run_manifest
 
-    records = read_manifest(data, format=format)
+    records = read_manifest(data, format=format, fields=parse_field_overrides(field))
     weight_map = parse_weights(weights)
-    summary = evaluate(expand_dirs(pred), records, out, parse_metrics(metrics), weight_map, batch_size,
-                       device=device, manifest=data)
+    summary = evaluate(expand_preds(pred), records, out, parse_metrics(metrics), weight_map, batch_size,
+                       device=device, manifest=data, overwrite=overwrite)
     if summary is None:
         return
     write_run_manifest(out, "eval", {"pred": pred, "data": str(data), "metrics": summary["metric_groups"],
-                                     "weights": {k: str(v) for k, v in weight_map.items()}})
+                                     "weights": {k: str(v) for k, v in weight_map.items()},
+                                     "fields": parse_field_overrides(field)})
     typer.echo(f"resize policy: {summary['resize_policy']}")
     for reason in summary["unavailable"].values():
         typer.echo(f"unavailable: {reason}")
+    if not metrics and not weight_map:
+        more = ", ".join(n for n, m in FEATURE_METRICS.items() if m.needs_weights)
+        typer.echo(f"more metrics with --weights NAME=PATH: {more} (docs/eval.md)")
     for name, run in summary["runs"].items():
         shown = {k: round(v, 4) for k, v in run["means"].items() if v is not None and k in
                  ("psnr", "ssim", "mae", "psnr_out", "ssim_out", "effnet_sim", "clip_i", "dino", "fid_effnet")}
@@ -78,7 +108,8 @@ def eval_command(
 
 
 def compare_command(
-    runs: list[Path] = typer.Argument(..., help="Eval output folders (each with per_sample.csv) to compare."),
+    runs: list[str] = typer.Argument(..., help="Eval output folders (each with per_sample.csv) to compare; NAME=DIR "
+                                               "renames the one run of a folder."),
     baseline: str = typer.Option(None, "--baseline", help="Run name to take paired differences against "
                                                           "(default: the first run)."),
     out: Path = typer.Option(..., "--out", help="Output folder (compare.csv/json, plots, report.html)."),
@@ -89,7 +120,8 @@ def compare_command(
     """Compare evaluated runs: bootstrap CIs, paired differences, per-category breakdowns, plots, HTML report."""
     from editkit.eval.compare import compare_runs
 
-    result = compare_runs(runs, out, baseline=baseline, n_boot=n_boot, seed=seed, title=title)
+    inputs = [(name, Path(d)) if name else Path(d) for name, d in map(split_name, runs)]
+    result = compare_runs(inputs, out, baseline=baseline, n_boot=n_boot, seed=seed, title=title)
     typer.echo(f"baseline: {result['baseline']}; runs: {', '.join(result['runs'])}")
     typer.echo(f"wrote {out}/compare.csv, {out}/compare.json, {out}/report.html")
 

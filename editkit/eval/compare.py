@@ -31,31 +31,78 @@ def _float(text: str) -> float:
         return math.nan
 
 
-def load_eval_dirs(dirs: list[Path]) -> tuple[list[dict], list[str], dict[str, dict]]:
-    """Rows (metric values as floats), metric columns in order, and per-run summaries."""
-    rows, metrics, summaries, origin = [], [], {}, {}
-    for d in dirs:
-        d = Path(d)
-        csv_path = d / "per_sample.csv"
-        if not csv_path.is_file():
-            raise UserError(f"{d}: no per_sample.csv; pass folders written by `editkit eval --out`")
-        with csv_path.open(newline="", encoding="utf-8") as f:
+_REWRITE = "run `editkit eval` again with the same --out to rewrite it"
+
+
+def read_table(folder: Path) -> tuple[list[dict], list[str]]:
+    """per_sample.csv of an eval folder: rows (metric values as floats) and its metric columns."""
+    path = folder / "per_sample.csv"
+    if not path.is_file():
+        raise UserError(f"{folder}: no per_sample.csv; pass folders written by `editkit eval --out`")
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            cols = [c for c in reader.fieldnames or [] if c not in INFO_COLUMNS]
-            metrics += [c for c in cols if c not in metrics]
-            dir_runs = set()
+            header = reader.fieldnames or []
+            lacking = [c for c in ("run", "id") if c not in header]
+            if lacking:
+                raise UserError(f"{path}: no {' or '.join(lacking)} column; not a table `editkit eval` wrote "
+                                f"({_REWRITE})")
+            cols = [c for c in header if c not in INFO_COLUMNS]
+            rows = []
             for row in reader:
-                for c in cols:
-                    row[c] = _float(row[c])
-                rows.append(row)
-                dir_runs.add(row["run"])
+                if None in row or any(row.get(c) is None for c in header):  # a row of another length
+                    raise UserError(f"{path}:{reader.line_num}: the row does not match the header ({_REWRITE})")
+                rows.append({**row, **{c: _float(row[c]) for c in cols}})
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"{path}: not a readable CSV ({err.__class__.__name__}); {_REWRITE}") from None
+    return rows, cols
+
+
+def read_summaries(folder: Path) -> dict[str, dict]:
+    """The per-run summaries of an eval folder's summary.json ({} when it has none)."""
+    path = folder / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise UserError(f"{path}: not valid JSON ({err.__class__.__name__}); {_REWRITE}") from None
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, dict) or not all(isinstance(v, dict) and isinstance(v.get("means", {}), dict)
+                                             for v in runs.values()):
+        raise UserError(f"{path}: no 'runs' table of per-run summaries; {_REWRITE}")
+    return runs
+
+
+def load_eval_dirs(dirs: list) -> tuple[list[dict], list[str], dict[str, dict]]:
+    """Rows (metric values as floats), metric columns in order, and per-run summaries.
+
+    `dirs`: eval output folders, or (name, folder) pairs that rename a folder's one run."""
+    from editkit.eval.runner import check_run_name
+
+    rows, metrics, summaries, origin = [], [], {}, {}
+    for item in dirs:
+        name, d = item if isinstance(item, tuple) else (None, item)
+        d = Path(d)
+        table, cols = read_table(d)
+        metrics += [c for c in cols if c not in metrics]
+        here = read_summaries(d)
+        dir_runs = list(dict.fromkeys(r["run"] for r in table))
+        if name is not None:
+            if len(dir_runs) != 1:
+                raise UserError(f"{name}={d}: NAME=DIR renames the one run of an eval folder, but it holds "
+                                f"{len(dir_runs)} ({', '.join(dir_runs)}); give the folder without a name")
+            check_run_name(name, f"{name}={d}")
+            here = {name: here[dir_runs[0]]} if dir_runs[0] in here else {}
+            table = [{**r, "run": name} for r in table]
+            dir_runs = [name]
         for run in dir_runs:
             if run in origin:
-                raise UserError(f"{d}: run '{run}' is also in {origin[run]}; compare each run once")
+                raise UserError(f"{d}: run '{run}' is also in {origin[run]}; compare each run once, or name them "
+                                "apart with NAME=DIR")
             origin[run] = d
-        summary_path = d / "summary.json"
-        if summary_path.is_file():
-            summaries.update(json.loads(summary_path.read_text()).get("runs", {}))
+        rows += table
+        summaries.update({run: summary for run, summary in here.items() if run in dir_runs})
     if not rows:
         raise UserError(f"{', '.join(map(str, dirs))}: no evaluated samples to compare")
     return rows, metrics, summaries
@@ -82,12 +129,15 @@ def category_of(row: dict) -> str:
     return row.get("edit_type") or row.get("task") or ""
 
 
-def compare_runs(dirs: list[Path], out_dir: Path, baseline: str | None = None, n_boot: int = 2000, seed: int = 0,
+def compare_runs(dirs: list, out_dir: Path, baseline: str | None = None, n_boot: int = 2000, seed: int = 0,
                  title: str = "editkit comparison", gallery_size: int = 40, extra_sections=(), extra_images=()) -> dict:
-    """Compare evaluated runs; `extra_sections` / `extra_images` go to the report first (see build_report)."""
+    """Compare evaluated runs of eval folders (or (name, folder) pairs, see `load_eval_dirs`);
+    `extra_sections` / `extra_images` go to the report first (see build_report)."""
     from editkit.eval.metrics import higher_is_better
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: is a file; compare writes a folder (compare.csv, plots/, report.html)")
     rows, metrics, summaries = load_eval_dirs(dirs)
     runs = list(dict.fromkeys(r["run"] for r in rows))
     baseline = baseline or runs[0]

@@ -1,10 +1,14 @@
 """`editkit eval`: score prediction folders against a manifest.
 
 Predictions are matched to records by id (`<pred_dir>/<id>.png`, or .jpg/.jpeg/.webp). Each
-(run, record) result is cached under `<out>/cache/<run>/`; a re-run computes only what is missing
-(new predictions, new metrics, changed files). Records are sharded across processes by rank
-(torchrun / accelerate); each rank writes its cache entries and a `done` marker, and rank 0 waits
-for all markers and merges everything into `per_sample.csv` and `summary.json`.
+(run, record) result is cached under `<out>/cache/<run>/` with a stamp of the files and texts it
+was computed from (editkit.eval.cache); a re-run computes only what is missing (new predictions,
+new metrics, changed predictions, ground truths, sources, masks or instructions). What holds for
+the whole folder — the resize policy and each metric's weights — is its fingerprint
+(`claim_out_folder`): other values are refused unless `overwrite`, which recomputes everything.
+Records are sharded across processes by rank (torchrun / accelerate); each rank writes its cache
+entries and a `done` marker, and rank 0 waits for all markers and merges everything into
+`per_sample.csv` and `summary.json`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from editkit.eval.cache import Entry, entry_path, load_entry
 from editkit.eval.sample import RESIZE_POLICY, Sample, load_sample, to_array
 from editkit.utils import dist
 from editkit.utils.atomic import write_json, write_text
+from editkit.utils.fingerprint import FILE_NAME as FINGERPRINT_FILE
+from editkit.utils.fingerprint import claim_folder, file_stamp, folder_stamp
 from editkit.utils.progress import make_progress
 
 PRED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -49,16 +55,26 @@ class Work:
     groups: list[str] = field(default_factory=list)
 
 
-def runs_from_dirs(pred_dirs: list[Path]) -> list[Run]:
-    """One run per folder, named by the folder; two folders with one name are refused."""
+def check_run_name(name: str, option: str) -> None:
+    """A run name is a folder name under <out>/cache/ and a column value: no path separators."""
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+        raise UserError(f"{option}: run name {name!r} cannot name a folder; use letters, digits, '.', '-' or '_'")
+
+
+def runs_from_dirs(pred_dirs: list[Path | Run]) -> list[Run]:
+    """One run per folder, named by the folder unless given as a Run (`--pred NAME=DIR`); two runs
+    with one name are refused."""
     runs: dict[str, Run] = {}
-    for d in pred_dirs:
-        d = Path(d)
+    for item in pred_dirs:
+        run = item if isinstance(item, Run) else Run(Path(item).name, Path(item))
+        d = Path(run.pred_dir)
         if not d.is_dir():
             raise UserError(f"--pred {d}: not a folder; pass folders of <id>.png predictions")
-        if d.name in runs:
-            raise UserError(f"--pred {d}: run name '{d.name}' is also {runs[d.name].pred_dir}; rename one folder")
-        runs[d.name] = Run(d.name, d)
+        check_run_name(run.name, f"--pred {d}")
+        if run.name in runs:
+            raise UserError(f"--pred {d}: run name '{run.name}' is also {runs[run.name].pred_dir}; name the runs "
+                            "apart with --pred NAME=DIR")
+        runs[run.name] = Run(run.name, d)
     if not runs:
         raise UserError("--pred: no prediction folders given (a glob that matched nothing?)")
     return list(runs.values())
@@ -97,14 +113,6 @@ def _needs(entry: Entry, group: str) -> bool:
     return not entry.has(columns_of(group))
 
 
-def _default_device():
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist.local_rank() % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 class FeatureModels:
     """Feature metrics, loaded on first use; unavailable ones remember their one-line reason."""
 
@@ -129,7 +137,7 @@ class FeatureModels:
         return self.loaded[name]
 
     def check(self, names: list[str]) -> None:
-        """Record why metrics that need weights have none, without loading anything."""
+        """Record why the metrics `names` (those asked for) that need weights have none, without loading."""
         from editkit.eval.metrics import FEATURE_METRICS
 
         for name in names:
@@ -187,7 +195,7 @@ def plan(runs: list[Run], records: list[EditRecord], groups: list[str], cache_di
             pred = find_prediction(run.pred_dir, record.id)
             if pred is None:
                 continue
-            entry = load_entry(entry_path(cache_dir, run.name, record.id), pred)
+            entry = load_entry(entry_path(cache_dir, run.name, record.id), record, pred)
             todo = [g for g in groups if g not in models.unavailable and _needs(entry, g)]
             if todo:
                 work.append(Work(run, record, pred, entry, todo))
@@ -228,22 +236,73 @@ def _wait_for_ranks(out_dir: Path, world: int, since: float, timeout_s: float) -
     return reasons
 
 
-def evaluate(pred_dirs: list[Path], records: list[EditRecord], out_dir: Path, groups: list[str] | None = None,
+def weights_stamp(path: Path) -> list:
+    """A weights folder (or file) as it enters the fingerprint: its path and its files' sizes and mtimes."""
+    return [str(path), folder_stamp(path) if Path(path).is_dir() else file_stamp(path)]
+
+
+def _recorded(out_dir: Path) -> dict:
+    """The inputs of the eval fingerprint already in `out_dir` ({} when none or not an eval's)."""
+    try:
+        data = json.loads((out_dir / FINGERPRINT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    inputs = data.get("inputs") if isinstance(data, dict) and data.get("job") == "eval" else None
+    return inputs if isinstance(inputs, dict) and isinstance(inputs.get("weights"), dict) else {}
+
+
+def claim_out_folder(out_dir: Path, weights: dict[str, Path], overwrite: bool) -> None:
+    """Refuse an out folder whose results were computed with another resize policy or other weights for
+    a metric, unless `overwrite`. Weights for a metric the folder has not seen extend its fingerprint
+    (a new metric is computed beside the cached ones)."""
+    given = {name: weights_stamp(path) for name, path in sorted(weights.items())}
+    old = _recorded(out_dir)
+    compatible = bool(old) and old.get("resize_policy") == RESIZE_POLICY and all(
+        old["weights"].get(name, stamp) == stamp for name, stamp in given.items())
+    merged = given if overwrite else {**old.get("weights", {}), **given}
+    claim_folder(out_dir, "eval", {"resize_policy": RESIZE_POLICY, "weights": merged},
+                 overwrite=overwrite or compatible, write=dist.rank() == 0)
+
+
+def clear_results(out_dir: Path, runs: list[Run], records: list[EditRecord]) -> None:
+    """Delete earlier results before recomputing (`overwrite`): each rank its own records' entries, rank 0
+    also every other entry and the merged tables, so ranks need not wait for each other."""
+    cache_dir = out_dir / "cache"
+    for run in runs:
+        for record in dist.shard(records):
+            entry_path(cache_dir, run.name, record.id).unlink(missing_ok=True)
+    if dist.rank() != 0:
+        return
+    current = {entry_path(cache_dir, run.name, r.id) for run in runs for r in records}
+    for path in cache_dir.rglob("*.json") if cache_dir.is_dir() else ():
+        if path not in current and not path.name.startswith(".tmp-"):
+            path.unlink(missing_ok=True)
+    for name in ("per_sample.csv", "summary.json", "missing.txt"):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def evaluate(pred_dirs: list[Path | Run], records: list[EditRecord], out_dir: Path, groups: list[str] | None = None,
              weights: dict[str, Path] | None = None, batch_size: int = 8, device=None,
-             manifest: Path | None = None, show_progress: bool = True) -> dict | None:
-    """Score every prediction folder; returns the summary on rank 0 (None on other ranks)."""
-    from editkit.eval.metrics import FEATURE_METRICS
+             manifest: Path | None = None, show_progress: bool = True, overwrite: bool = False) -> dict | None:
+    """Score every prediction folder (a Path: the run is named by the folder; a Run: by its name);
+    returns the summary on rank 0 (None on other ranks)."""
+    import torch
 
     start = time.time()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: is a file; eval writes a folder (per_sample.csv, summary.json, cache/)")
     weights = {k: Path(v) for k, v in (weights or {}).items()}
     groups = resolve_groups(groups, weights)
     runs = runs_from_dirs(pred_dirs)
     if not records:
         raise UserError(f"{manifest or 'manifest'}: no records to evaluate")
+    models = FeatureModels(weights, torch.device(dist.resolve_device(None if device is None else str(device))))
+    claim_out_folder(out_dir, weights, overwrite)
+    if overwrite:
+        clear_results(out_dir, runs, records)
     cache_dir = out_dir / "cache"
-    models = FeatureModels(weights, device or _default_device())
-    models.check(list(FEATURE_METRICS))  # every metric lacking weights gets its "how to enable" line
+    models.check(groups)  # a metric asked for that lacks weights gets its "how to enable" line
     work = plan(runs, records, groups, cache_dir, models)
     with make_progress("sample", disable=not show_progress) as progress:
         task = progress.add_task(f"eval rank {dist.rank()}", total=len(work), status="")
@@ -296,7 +355,7 @@ def merge(runs: list[Run], records: list[EditRecord], groups: list[str], out_dir
             if pred is None:
                 missing.append(record.id)
                 continue
-            entry = load_entry(entry_path(cache_dir, run.name, record.id), pred)
+            entry = load_entry(entry_path(cache_dir, run.name, record.id), record, pred)
             evaluated += 1
             row = {"run": run.name, "id": record.id, "task": record.task or "", "edit_type": _category(record),
                    "instruction": record.instruction, "pred": _abs(pred), "target": _abs(record.target),

@@ -22,16 +22,23 @@ def train(
     config: Path = typer.Argument(..., help="Training config YAML (see configs/ and docs/training.md)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted key=value overrides, e.g. optim.lr=1e-4."),
     resume: Optional[str] = typer.Option(None, "--resume", help="'latest' or a checkpoint folder (step-NNNNNN)."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Delete the output_dir's earlier run (checkpoints, final/, metrics, previews) "
+                                        "and start again."),
 ) -> None:
-    """Train a model (LoRA / full, flow matching / LBM, or the `vae` stage); runs under accelerate launch too."""
+    """Train a model (LoRA / full, flow matching / LBM, or the `vae` stage); runs under accelerate launch too.
+
+    Relative paths in the YAML are relative to the YAML's folder; those in key=value overrides to
+    the working directory.
+    """
     from editkit.train.config import load_config
     from editkit.train.trainer import train as run
     from editkit.utils.dist import rank
 
     cfg = load_config(config, overrides or [])
-    summary = run(cfg, resume=resume)
+    summary = run(cfg, resume=resume, overwrite=overwrite)
     if rank() == 0:
-        typer.echo(f"trained to step {summary['steps']} in {summary['output_dir']}"
+        typer.echo(summary.get("note") or f"trained to step {summary['steps']} in {summary['output_dir']}"
                    + (f"; weights in {summary['final']}" if summary["final"] else ""))
 
 
@@ -42,13 +49,24 @@ def cache(
     out: Optional[Path] = typer.Option(None, "--out", help="Cache folder (created; rerun to resume)."),
     area: int = typer.Option(1024 * 1024, "--area", help="Target pixel area of the aspect-ratio buckets."),
     multiple: int = typer.Option(32, "--multiple", help="Bucket sides are multiples of this."),
+    max_ratio: float = typer.Option(4.0, "--max-ratio", help="Most elongated bucket (long side / short side)."),
     family: Optional[str] = typer.Option(None, "--family", help="Model family if the folder does not say."),
     dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device (default: this rank's GPU, else CPU)."),
+    field: Optional[list[str]] = typer.Option(None, "--field", help="NAME=COLUMN: read a manifest field from another "
+                                                                    "column, e.g. --field prompt=caption (repeat)."),
     shard_records: int = typer.Option(64, "--shard-records", help="Records per safetensors shard."),
     batch_size: int = typer.Option(16, "--batch-size",
                                    help="Records of one shape encoded together (VLM and VAE); 1 = one at a time."),
     vae_image_size: Optional[int] = typer.Option(None, "--vae-image-size", help="Side of the VAE view of sources."),
     vlm_image_size: Optional[int] = typer.Option(None, "--vlm-image-size", help="Side of the VLM view of sources."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild the cache from scratch (its shards and "
+                                                              "indexes deleted first); needed when it was made with "
+                                                              "other settings or data."),
+    repair: bool = typer.Option(False, "--repair", help="Drop the records of bad shards (see `editkit cache verify`) "
+                                                        "and encode exactly those again."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out records whose images cannot be read and list "
+                                                            "them at the end (default: stop at the first)."),
 ) -> None:
     """Encode a manifest once (embeddings in en/cn/inverse/empty, latents, white latents) into a cache.
 
@@ -61,18 +79,36 @@ def cache(
     missing = [name for name, v in (("--model", model), ("--data", data), ("--out", out)) if v is None]
     if missing:
         raise UserError(f"editkit cache: give {', '.join(missing)} (or `editkit cache verify DIR`)")
+    from editkit.data.manifest import parse_field_overrides
     from editkit.train.cache import build_cache
 
-    result = build_cache(model, data, out, area, multiple, family=family, dtype=dtype,
-                         shard_records=shard_records, batch_size=batch_size, vae_image_size=vae_image_size,
+    result = build_cache(model, data, out, area, multiple, max_ratio, family=family, dtype=dtype, device=device,
+                         shard_records=shard_records, batch_size=batch_size, fields=parse_field_overrides(field),
+                         overwrite=overwrite, repair=repair, skip_bad=skip_bad, vae_image_size=vae_image_size,
                          vlm_image_size=vlm_image_size)
+    for what, reason in result["repaired"].items():
+        typer.echo(f"repair: dropped {what} ({reason}); its records were encoded again")
     typer.echo(f"cached {result['records']} records ({result['skipped']} already done) in {result['out']}")
+    if result["bad"]:
+        from editkit.infer.dataset_run import bad_summary
+
+        typer.echo(f"{bad_summary(result['bad'])} (not cached; fix them and run again to add them)", err=True)
 
 
 def cache_verify(folder: Path = typer.Argument(..., help="Cache folder written by `editkit cache`.")) -> None:
-    """Check every shard's sha256 and that every indexed tensor is there."""
-    from editkit.train.cache import CacheReader
+    """Check every shard's sha256 and that every indexed tensor is there; list every bad shard (exit 2)."""
+    from editkit.errors import UserError
+    from editkit.train.cache import CacheReader, fix_command
 
-    report = CacheReader(folder).verify()
+    reader = CacheReader(folder)
+    problems = reader.problems()
+    if problems:
+        for p in problems:
+            typer.echo(f"{folder / 'shards' / p['shard']}: {p['reason']} ({len(p['records'])} record(s): "
+                       f"{', '.join(p['records'][:5])}{' ...' if len(p['records']) > 5 else ''})", err=True)
+        n_records = sum(len(p["records"]) for p in problems)
+        raise UserError(f"{folder}: {len(problems)} bad shard(s) holding {n_records} record(s); re-encode exactly "
+                        f"those with `{fix_command(folder)}`")
+    report = reader.verify()
     typer.echo(f"{folder}: OK — {report['records']} records in {report['shards']} shards, "
                f"white latents for {', '.join(report['white']) or 'no buckets'}")
