@@ -1,5 +1,6 @@
 """The web app's input checks and the editor-to-mask conversion (no browser, no model)."""
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -73,6 +74,16 @@ def test_undecodable_file_is_refused(tmp_path):
 def test_bad_limits_are_refused():
     with pytest.raises(UserError, match="--max-sources"):
         AppLimits(max_sources=0)
+    with pytest.raises(UserError, match="--max-file-mb 0"):
+        AppLimits(max_file_mb=0)
+
+
+def test_file_over_the_megabyte_limit_is_refused_with_its_size(tmp_path):
+    path = tmp_path / "big.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)  # ~1.8 MB: noise does not compress
+    with pytest.raises(UserError, match=r"big.png: source image 1 is 1\.\d MB; the limit is 1 MB"):
+        load_sources([str(path)], AppLimits(max_file_mb=1))
 
 
 def test_uploaded_mask_is_binarised_and_resized(tmp_path):

@@ -146,3 +146,92 @@ def test_compile_option_compiles_the_repeated_blocks(monkeypatch):
     monkeypatch.setattr(QwenImageTransformer2DModel, "compile_repeated_blocks", lambda self, **kw: calls.append(kw))
     load_model("tiny", dtype="fp32", device="cpu", compile=True)
     assert calls == [{"fullgraph": True}]
+
+
+@pytest.fixture(scope="module")
+def saved_by_cli(tmp_path_factory):
+    from editkit.cli import main
+
+    out = tmp_path_factory.mktemp("cli-models") / "tiny"
+    with pytest.raises(SystemExit) as exit_:
+        main(["model", "save-tiny", str(out)])
+    assert exit_.value.code == 0
+    return out
+
+
+def _truncate(path, size):
+    with path.open("r+b") as f:
+        f.truncate(size)
+
+
+def _scribble_header(path):
+    with path.open("r+b") as f:
+        f.seek(8)  # past the header length: the JSON header itself
+        f.write(b"\x00garbage\xff" * 4)
+
+
+DAMAGES = {
+    "truncated": ("transformer/diffusion_pytorch_model.safetensors", lambda p: _truncate(p, p.stat().st_size // 2),
+                  "damaged safetensors file"),
+    "cut-in-header": ("transformer/diffusion_pytorch_model.safetensors", lambda p: _truncate(p, 1000),
+                      "damaged safetensors file"),
+    "emptied": ("vae/diffusion_pytorch_model.safetensors", lambda p: p.write_bytes(b""), "damaged safetensors file"),
+    "header-corrupt": ("text_encoder/model.safetensors", _scribble_header, "damaged safetensors file"),
+    "config": ("vae/config.json", lambda p: p.write_text('{"_class_name": '), "not valid JSON"),
+    "binary-config": ("text_encoder/config.json", lambda p: p.write_bytes(b"\xff\xfe\x00"), "not valid JSON"),
+    "model-index": ("model_index.json", lambda p: p.write_text("[]"), "not a JSON object"),
+    "scheduler": ("scheduler/scheduler_config.json", lambda p: p.write_text(""), "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_file_is_one_line_naming_it(saved_by_cli, tmp_path, damage):
+    relative, spoil, what = DAMAGES[damage]
+    folder = tmp_path / "model"
+    shutil.copytree(saved_by_cli, folder)
+    spoil(folder / relative)
+    for load in (lambda: load_model(folder, dtype="fp32", device="cpu"), lambda: describe(folder)):
+        with pytest.raises(UserError) as err:
+            load()
+        message = str(err.value)
+        assert message.startswith(f"{folder / relative}: {what}") and "\n" not in message
+        assert "re-download it" in message
+
+
+def test_damaged_transformer_from_another_folder_is_one_line(saved_by_cli, tmp_path):
+    other = tmp_path / "transformer"
+    shutil.copytree(saved_by_cli / "transformer", other)
+    (other / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="transformer/diffusion_pytorch_model.safetensors: damaged safetensors"):
+        load_model("tiny", transformer=other, dtype="fp32", device="cpu")
+
+
+def test_cli_edit_on_a_truncated_model_is_one_line_exit_2(saved_by_cli, tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved_by_cli, folder)
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    _truncate(weights, 4096)
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
+    proc = subprocess.run([sys.executable, "-m", "editkit", "edit", "--model", str(folder), "--image",
+                           str(tmp_path / "in.png"), "--prompt", "x", "--out", str(tmp_path / "out.png")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"editkit: error: {weights}: damaged safetensors file (")
+    assert lines[0].endswith("); re-download it, or save the model again")
+
+
+def test_model_info_on_a_folder_reads_headers_without_torch(saved_by_cli):
+    import subprocess
+    import sys
+
+    code = (f"import atexit, sys; from editkit.cli import main; "
+            "atexit.register(lambda: print('torch loaded' if 'torch' in sys.modules else 'no torch')); "
+            f"main(['model', 'info', {str(saved_by_cli)!r}])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "transformer:" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "no torch"

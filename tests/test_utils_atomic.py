@@ -38,3 +38,36 @@ def test_atomic_dir_swaps_folder_in_one_step(tmp_path):
             raise RuntimeError("killed")
     assert (dest / "w.bin").read_text() == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.fixture
+def umask_027():
+    """A umask that differs from both 0600 and the usual 022, so the mode shows where it came from."""
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def _mode(path):
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_safetensors_written_through_atomic_path_get_the_umask_mode(tmp_path, umask_027):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    dest = tmp_path / "w.safetensors"
+    with atomic_path(dest) as tmp:
+        save_file({"w": np.zeros(3, dtype=np.float32)}, str(tmp))  # writes its own 0600 file
+    assert _mode(dest) == 0o640
+
+
+def test_model_folder_from_atomic_dir_gets_the_umask_mode_throughout(tmp_path, umask_027):
+    from editkit.models.loading import save_tiny
+
+    folder = save_tiny(tmp_path / "tiny")
+    weights = sorted(folder.glob("*/*.safetensors"))
+    assert len(weights) == 3
+    assert {_mode(p) for p in weights} == {0o640}
+    assert {_mode(p) for p in folder.rglob("*") if p.is_file()} == {0o640}
+    assert {_mode(p) for p in [folder, *folder.rglob("*")] if p.is_dir()} == {0o750}

@@ -4,6 +4,14 @@ Nothing here imports Gradio: the page (`editkit.app.layout`) calls these and sho
 `View`. The multi-turn bookkeeping (current source, turns, undo) is the engine's `EditSession`;
 this module adds the web-specific parts — upload checks, the editor's mask, LoRA scales chosen
 per request, and one downloadable PNG per turn carrying its settings.
+
+The page is handed PNG files, never PIL images. Gradio (6.31) writes a returned PIL image to
+`<cache>/<content hash>/image.png` with a plain `write_bytes`, so two tabs showing the same
+image (the same upload) rewrite one path in place: the second write truncates the file while
+the first tab is still downloading it, which the server reports as "Too little data for
+declared Content-Length" and the browser as a cut-off image. A file path instead goes through
+Gradio's `save_file_to_cache`, which copies under a temporary name, renames it into place and
+never rewrites a copy that exists; the files themselves are written once, atomically.
 """
 
 from __future__ import annotations
@@ -111,12 +119,12 @@ def _side(value: Any, name: str, limits: AppLimits) -> int | None:
 
 @dataclass
 class View:
-    """What the page shows after an action."""
+    """What the page shows after an action; images are PNG file paths (see the module docstring)."""
 
     session: Any
     editor_value: dict[str, Any] | None
-    result: Image.Image | None
-    history: list[tuple[Image.Image, str]]
+    result: str | None
+    history: list[tuple[str, str]]
     download_path: str | None
     status: str
     warning: str | None = None
@@ -124,11 +132,17 @@ class View:
 
 @dataclass
 class AppSession:
-    """One browser tab's work: the engine's multi-turn session and the tab's download folder."""
+    """One browser tab's work: the engine's multi-turn session and the tab's folder of PNGs."""
 
     edit: EditSession
     folder: Path
+    source_file: str  # the first source as shown on the page
     downloads: list[str] = field(default_factory=list)  # one PNG per turn: downloads[n - 1] is turn n
+
+    @property
+    def current_file(self) -> str:
+        """The PNG of the image the next turn edits."""
+        return self.downloads[-1] if self.downloads else self.source_file
 
 
 class AppController:
@@ -163,7 +177,8 @@ class AppController:
         images = load_sources(paths, self.limits)
         folder = self.output_dir / uuid.uuid4().hex
         folder.mkdir(parents=True)
-        session = AppSession(EditSession(self.engine, images), folder)
+        source_file = str(save_png(folder / "source.png", images[0]))
+        session = AppSession(EditSession(self.engine, images), folder, source_file)
         return self.view(session, f"Loaded {len(images)} source image(s). Describe the edit and press Edit.")
 
     def check(self, session: AppSession | None, settings: EditSettings, editor_value: dict | None = None,
@@ -223,9 +238,10 @@ class AppController:
         if session is None:
             return View(None, None, None, [], None, status or "Upload a source image to start.")
         turns = session.edit.history
-        current = session.edit.current
-        history = [(session.edit.sources[0], "source")]
-        history += [(turn.image, f"turn {n}: {turn.prompt}") for n, turn in enumerate(turns, start=1)]
+        current = session.current_file
+        history = [(session.source_file, "source")]
+        history += [(path, f"turn {n}: {turn.prompt}")
+                    for n, (turn, path) in enumerate(zip(turns, session.downloads), start=1)]
         return View(
             session=session,
             editor_value={"background": current, "layers": [], "composite": current},

@@ -18,7 +18,7 @@ def serve(
     = None,
     host: Annotated[str, typer.Option(help="Address to bind. Anything but 127.0.0.1 exposes the app to your network.")]
     = DEFAULT_HOST,
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = DEFAULT_PORT,
+    port: Annotated[int, typer.Option(help="Port to listen on (0 = any free port).")] = DEFAULT_PORT,
     max_image_side: Annotated[int, typer.Option(help="Largest accepted image side in pixels (uploads and output).")]
     = 2048,
     max_sources: Annotated[int, typer.Option(help="Most source images per edit.")] = 3,
@@ -29,8 +29,9 @@ def serve(
 ) -> None:
     """Serve the web app: upload, paint a mask, describe the edit, edit again; one GPU job at a time."""
     from editkit.app.limits import AppLimits
-    from editkit.app.server import build_controller, launch
+    from editkit.app.server import build_controller, checked_port, launch
 
+    port = checked_port(host, port)
     limits = AppLimits(max_image_side=max_image_side, max_sources=max_sources, max_file_mb=max_file_mb)
     controller = build_controller(model, lora or [], limits=limits, device=device, dtype=dtype)
     typer.echo(f"editkit serve: model {model} ready; open http://{host}:{port} (Ctrl+C stops)")

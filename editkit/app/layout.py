@@ -1,7 +1,7 @@
 """The Gradio Blocks page: components, their wiring, and nothing else.
 
 Every handler here is a thin adapter: it calls a plain function of `editkit.app.actions`
-(testable without a browser), turns a `UserError` into a `gr.Error` pop-up, and maps the
+(testable without a browser), turns exceptions into short `gr.Error` pop-ups, and maps the
 returned `View` onto the components. Only the edit event touches the GPU; it runs in the
 queue's "gpu" concurrency group with limit 1, so jobs run one at a time and waiting users see
 their queue position.
@@ -10,7 +10,9 @@ their queue position.
 from __future__ import annotations
 
 import functools
+import logging
 import random
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -23,9 +25,12 @@ from editkit.infer.fusion import FUSION_MODES
 
 SESSION_TTL_S = 2 * 3600  # an idle browser tab's turns are freed after this long
 
+log = logging.getLogger(__name__)
 
-def _user_errors_as_popups(fn: Callable) -> Callable:
-    """Show a `UserError` as a Gradio error pop-up (the message is already written for users)."""
+
+def _errors_as_popups(fn: Callable) -> Callable:
+    """Show a `UserError`'s line as a pop-up (it is written for users); any other exception is
+    logged here with a short error id, and the browser gets only that id — never internal text."""
 
     @functools.wraps(fn)  # keeps the signature (and its gr.Progress default) visible to Gradio
     def wrapped(*args, **kwargs):
@@ -33,6 +38,11 @@ def _user_errors_as_popups(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except UserError as err:
             raise gr.Error(str(err), print_exception=False) from None
+        except Exception:
+            error_id = uuid.uuid4().hex[:8]
+            log.exception("error id %s in %s", error_id, fn.__name__)
+            raise gr.Error(f"something went wrong (error id {error_id}); the server log has the details",
+                           print_exception=False) from None
 
     return wrapped
 
@@ -111,7 +121,7 @@ def build_blocks(controller: AppController) -> gr.Blocks:
                 view.status,
             ]
 
-        @_user_errors_as_popups
+        @_errors_as_popups
         def on_sources(paths):
             return show(controller.start(paths))
 
@@ -125,11 +135,11 @@ def build_blocks(controller: AppController) -> gr.Blocks:
                 fusion=values[fusion], lora_scales=[values[s] for s in lora_sliders],
             )
 
-        @_user_errors_as_popups
+        @_errors_as_popups
         def check_edit(values: dict) -> None:
             controller.check(values[session], settings_of(values), values[editor], values[mask_file])
 
-        @_user_errors_as_popups
+        @_errors_as_popups
         def on_edit(values: dict, progress=gr.Progress()):
             view = controller.edit(
                 values[session], settings_of(values), editor_value=values[editor], mask_path=values[mask_file],
@@ -137,12 +147,12 @@ def build_blocks(controller: AppController) -> gr.Blocks:
             )
             return show(view)
 
-        @_user_errors_as_popups
+        @_errors_as_popups
         def check_sources(paths) -> None:
             if paths:
                 load_sources(paths, limits)
 
-        @_user_errors_as_popups
+        @_errors_as_popups
         def on_undo(current):
             view = controller.undo(current)
             if view.warning:

@@ -33,6 +33,8 @@ class AppLimits:
             raise UserError(f"--max-image-side {self.max_image_side}: must be at least 16 pixels")
         if self.max_sources < 1:
             raise UserError(f"--max-sources {self.max_sources}: must be at least 1")
+        if self.max_file_mb < 1:
+            raise UserError(f"--max-file-mb {self.max_file_mb}: must be at least 1")
 
 
 def check_instruction(text: str | None, limits: AppLimits) -> str:

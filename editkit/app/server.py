@@ -7,6 +7,7 @@ bundled ones, `share` is never enabled, and the server binds to 127.0.0.1 unless
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,22 @@ from editkit.errors import UserError
 
 TINY_STEPS = 4  # the tiny preset is random: more steps only cost time
 MAX_QUEUE = 32  # waiting jobs beyond this get "queue is full" instead of an endless wait
+MAX_PORT = 65535
+
+
+def checked_port(host: str, port: int) -> int:
+    """`port` if it is a TCP port number; 0 picks a free one on `host` (Gradio itself cannot)."""
+    if not 0 <= port <= MAX_PORT:
+        raise UserError(f"--port {port}: not a TCP port; choose 1 to {MAX_PORT}, or 0 for any free port")
+    if port:
+        return port
+    try:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            return probe.getsockname()[1]
+    except OSError as err:
+        raise UserError(f"--host {host}: cannot listen there ({err}); use 127.0.0.1 or an address of this "
+                        "machine") from None
 
 
 def lora_choices(texts: Sequence[str]) -> list[LoraChoice]:
@@ -39,17 +56,17 @@ def build_controller(model: str, loras: Sequence[str] = (), limits: AppLimits | 
                      output_dir: str | os.PathLike | None = None) -> AppController:
     """Load the model (a diffusers folder, or "tiny") and its `--lora` files into an app controller.
 
-    `dtype="auto"` is bf16 on a GPU and fp32 on the CPU. The LoRA flags are checked before the slow load.
+    `dtype="auto"` is bf16 on a GPU and fp32 on the CPU. The LoRA and device flags are checked
+    before the slow load.
     """
-    import torch
-
     from editkit.infer.engine import Engine
     from editkit.models import load_model
+    from editkit.utils.dist import resolve_device
 
     choices = lora_choices(loras)
+    device = resolve_device(device, "--device")
     if dtype == "auto":
-        on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        dtype = "bf16" if on_gpu else "fp32"
+        dtype = "bf16" if device.startswith("cuda") else "fp32"
     engine = Engine(load_model(model, dtype=dtype, device=device), model_name=str(model))
     is_tiny = str(model).split(":")[0] == "tiny"
     defaults = AppDefaults(steps=TINY_STEPS) if is_tiny else AppDefaults()
@@ -65,7 +82,8 @@ def launch(controller: AppController, host: str = DEFAULT_HOST, port: int = DEFA
     blocks.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
     try:
         blocks.launch(
-            server_name=host, server_port=port, share=False, inbrowser=False, show_error=True, ssr_mode=False,
+            server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False,
+            show_error=False,  # handlers show short messages themselves (layout._errors_as_popups)
             max_file_size=f"{controller.limits.max_file_mb}mb", prevent_thread_lock=not block,
             quiet=not block, allowed_paths=[str(controller.output_dir)],
         )

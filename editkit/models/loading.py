@@ -64,9 +64,36 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err}); restore the file from the model snapshot") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err}); re-download it or restore it from the model "
+                        "snapshot") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a JSON object; re-download it or restore it from the model snapshot")
+    return data
+
+
+def _check_safetensors(path: Path) -> None:
+    """The file's header parses and covers the whole file (a truncated or emptied file fails)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy"):
+            pass
+    except (SafetensorError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{path}: damaged safetensors file ({reason}); re-download it, or save the model "
+                        "again") from None
+
+
+def check_files(folders) -> None:
+    """Every JSON file and safetensors header in `folders` is readable (no weights are read), so a
+    damaged file is one line naming it rather than a loader's traceback."""
+    for folder in folders:
+        for path in sorted(Path(folder).glob("*.json")):
+            _read_json(path)
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            _check_safetensors(path)
 
 
 def resolve_family(root: Path, transformer_dir: Path, family: str | None) -> str:
@@ -114,7 +141,9 @@ def load_model(
     else:
         parts, extra = _folder_parts(Path(spec), family, transformer, torch_type)
     if transformer is not None and "transformer" not in extra.get("loaded", ()):
-        parts["transformer"] = _load_transformer(_transformer_folder(transformer), torch_type)
+        transformer_dir = _transformer_folder(transformer)
+        check_files([transformer_dir])
+        parts["transformer"] = _load_transformer(transformer_dir, torch_type)
     sizes = dict(extra.get("sizes", {}))
     if vae_image_size:
         sizes["vae_image_area"] = int(vae_image_size) ** 2
@@ -215,7 +244,7 @@ _SIZE_KEYS = ("vlm_image_area", "vae_image_area", "output_area")
 def inspect_folder(root: Path, family: str | None, transformer: str | Path | None):
     """Check a model folder without loading weights: (transformer folder, family, editkit view sizes).
 
-    A UserError names the folder and lists every missing file.
+    A UserError names the folder and lists every missing file, or names a damaged JSON or safetensors file.
     """
     if not root.is_dir():
         raise UserError(f"{root}: model folder not found; pass a diffusers-format folder or 'tiny'")
@@ -224,6 +253,7 @@ def inspect_folder(root: Path, family: str | None, transformer: str | Path | Non
     if missing:
         raise UserError(f"{root}: incomplete model folder, missing {', '.join(missing)}")
     transformer_dir = _transformer_folder(transformer) if transformer is not None else root / "transformer"
+    check_files([root, transformer_dir, *(root / c for c in needed if c != "transformer")])
     name = resolve_family(root, transformer_dir, family)
     index = _read_json(root / "model_index.json")
     sizes = {key: int(index[f"_editkit_{key}"]) for key in _SIZE_KEYS if f"_editkit_{key}" in index}
@@ -236,7 +266,7 @@ def _count_parameters(folder: Path) -> int:
 
     total = 0
     for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
+        with safe_open(file, framework="numpy") as f:  # headers only; no torch needed
             for key in f.keys():
                 shape = f.get_slice(key).get_shape()
                 count = 1

@@ -26,6 +26,24 @@ def _as_if_created(path: Path, mode: int) -> None:
     os.chmod(path, mode & ~_umask())
 
 
+def _file_mode(path: Path) -> int:
+    return 0o777 if os.stat(path).st_mode & 0o100 else 0o666
+
+
+def _as_if_created_tree(root: Path) -> None:
+    """The umask-based mode for a finished folder and everything in it. Writers that go through
+    their own temporary file — safetensors' `save_file`, so every `save_pretrained` — leave
+    0600 files behind; without this a model or checkpoint folder is unreadable to the group."""
+    _as_if_created(root, 0o777)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            _as_if_created(Path(folder) / name, 0o777)
+        for name in files:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                _as_if_created(path, _file_mode(path))
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path in dest's folder; on success rename it to dest."""
@@ -37,6 +55,7 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
     _as_if_created(tmp, 0o666)
     try:
         yield tmp
+        _as_if_created(tmp, _file_mode(tmp))  # the writer may have replaced it (safetensors writes 0600)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -73,6 +92,7 @@ def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
     """Rename the finished folder tmp to dest, replacing an old dest (used by atomic_dir, and by
     writers whose folder is filled by several processes before one of them commits it)."""
     tmp, dest = Path(tmp), Path(dest)
+    _as_if_created_tree(tmp)
     if dest.exists():
         old = dest.with_name(f".tmp-old-{dest.name}")
         shutil.rmtree(old, ignore_errors=True)
