@@ -1,23 +1,6 @@
 """editkit.utils.dist: which process, which device."""
 
 
-def test_process_device_gives_each_torchrun_process_its_gpu(monkeypatch):
-    import torch
-
-    from editkit.utils import dist
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert dist.process_device() == "cuda:1"
-    assert dist.process_device("cpu") == "cpu"  # an explicit device wins
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert dist.process_device() is None
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert dist.process_device() is None  # one process: the loader's default
-
-
 def test_resolve_device_refuses_bogus_and_absent_devices(monkeypatch):
     import pytest
     import torch
@@ -25,6 +8,11 @@ def test_resolve_device_refuses_bogus_and_absent_devices(monkeypatch):
     from editkit.errors import UserError
     from editkit.utils.dist import resolve_device
 
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device(None) == "cuda:1"  # each torchrun process on its own GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device(None) == "cpu"
     assert resolve_device("cpu") == "cpu"

@@ -28,16 +28,6 @@ def shard(items: Sequence[T], rank_: int | None = None, world: int | None = None
     return list(items[r::w])
 
 
-def process_device(device: str | None = None) -> str | None:
-    """`device`, or this process's own GPU (cuda:LOCAL_RANK) when several processes share a machine
-    and none was given (else None: the loader's default)."""
-    if device is not None or world_size() == 1:
-        return device
-    import torch
-
-    return f"cuda:{local_rank()}" if torch.cuda.is_available() else None
-
-
 def resolve_device(device: str | None, option: str = "--device") -> str:
     """A checked torch device string: `device`, else this process's GPU when CUDA is there, else
     "cpu". A name torch does not know, or a CUDA device on a machine without it (or with fewer
