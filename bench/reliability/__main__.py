@@ -1,0 +1,3 @@
+from bench.reliability.cli import main
+
+main()
