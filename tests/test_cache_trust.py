@@ -9,8 +9,8 @@ import shlex
 import pytest
 import torch
 
-from editkit.cli import main
 from editkit.errors import UserError
+from tests.eval_fixtures import run_cli
 
 AREA, MULTIPLE = 64 * 64, 16
 
@@ -35,16 +35,6 @@ def _build(model, manifest, out, area=AREA, **options):
 
     options = {"dtype": "fp32", "device": "cpu", "shard_records": 2, "progress": False, "model": model, **options}
     return build_cache("tiny", manifest, out, area, MULTIPLE, **options)
-
-
-def _cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _cache_args(manifest, out, *more):
@@ -113,8 +103,8 @@ def test_verify_lists_every_bad_shard_and_its_command_repairs_exactly_those(synt
     from editkit.train.cache import CacheReader
 
     out, clean = tmp_path / "c", tmp_path / "clean"
-    assert _cli(capsys, *_cache_args(synth["train"], out))[0] == 0
-    assert _cli(capsys, *_cache_args(synth["train"], clean, "--batch-size", 1))[0] == 0
+    assert run_cli(capsys, *_cache_args(synth["train"], out))[0] == 0
+    assert run_cli(capsys, *_cache_args(synth["train"], clean, "--batch-size", 1))[0] == 0
     first, second = sorted((out / "shards").iterdir())[:2]
     lost = _held(out, first.name) + _held(out, second.name)
     data = bytearray(first.read_bytes())
@@ -122,7 +112,7 @@ def test_verify_lists_every_bad_shard_and_its_command_repairs_exactly_those(synt
     first.write_bytes(bytes(data))
     second.unlink()
 
-    code, _, err = _cli(capsys, "cache", "verify", out)
+    code, _, err = run_cli(capsys, "cache", "verify", out)
     assert code == 2
     assert f"{first.name}: checksum mismatch" in err and f"{second.name}: missing" in err
     assert f"2 bad shard(s) holding {len(lost)} record(s)" in err
@@ -130,10 +120,10 @@ def test_verify_lists_every_bad_shard_and_its_command_repairs_exactly_those(synt
     assert command[:2] == ["editkit", "cache"] and command[-1] == "--repair"
 
     encoded = _count_encoded(monkeypatch)
-    code, printed, _ = _cli(capsys, *command[1:])
+    code, printed, _ = run_cli(capsys, *command[1:])
     assert code == 0 and f"cached {len(lost)} records" in printed and "checksum mismatch" in printed
     assert sorted(encoded) == sorted(lost)  # exactly the records of the bad shards
-    assert _cli(capsys, "cache", "verify", out)[0] == 0
+    assert run_cli(capsys, "cache", "verify", out)[0] == 0
     _assert_same_cache(CacheReader(out), CacheReader(clean))
 
 
@@ -172,7 +162,7 @@ def test_a_damaged_index_is_one_line_and_repair_rebuilds_its_records(synth, mode
     assert "\n" not in message
     with pytest.raises(UserError, match="index-r0.json: damaged cache index"):
         CacheReader(out)
-    code, _, stderr = _cli(capsys, "cache", "verify", out)
+    code, _, stderr = run_cli(capsys, "cache", "verify", out)
     assert code == 2 and "damaged cache index" in stderr and "Traceback" not in stderr
     result = _build(model, synth["train"], out, repair=True)
     assert result["records"] == 6 and result["repaired"] == {"index-r0.json": "damaged index"}
@@ -189,18 +179,18 @@ def test_a_bad_record_stops_naming_it_and_skip_bad_goes_on(synth, tmp_path, caps
     records[2].mask = broken
     manifest = write_manifest(records, tmp_path / "train.jsonl")
     out = tmp_path / "c"
-    code, _, err = _cli(capsys, *_cache_args(manifest, out, "--batch-size", 4))
+    code, _, err = run_cli(capsys, *_cache_args(manifest, out, "--batch-size", 4))
     assert code == 2 and "train.jsonl:3" in err and "broken.png" in err and "--skip-bad" in err
     assert err.strip().splitlines()[-1].startswith("editkit: error: record ") and "Traceback" not in err
     kept = CacheReader(out).ids
     assert kept == sorted(r.id for r in records[:2])  # encoded before the bad one: kept
-    code, printed, err = _cli(capsys, *_cache_args(manifest, out, "--batch-size", 4, "--skip-bad"))
+    code, printed, err = run_cli(capsys, *_cache_args(manifest, out, "--batch-size", 4, "--skip-bad"))
     assert code == 0 and "cached 3 records (2 already done)" in printed
     assert "skipped 1 bad record(s)" in err and "train.jsonl:3" in err
     assert CacheReader(out).verify()["records"] == 5
 
     records[2].target = tmp_path / "absent.png"  # a missing file: found before anything is encoded
-    code, _, err = _cli(capsys, *_cache_args(write_manifest(records, tmp_path / "m2.jsonl"), tmp_path / "c2"))
+    code, _, err = run_cli(capsys, *_cache_args(write_manifest(records, tmp_path / "m2.jsonl"), tmp_path / "c2"))
     assert code == 2 and "m2.jsonl:3" in err and "absent.png" in err
 
 
@@ -211,13 +201,13 @@ def test_field_overrides_and_devices(synth, tmp_path, capsys):
     renamed = synth["train"].parent / "renamed.jsonl"  # beside train.jsonl: its relative image paths hold
     renamed.write_text("".join(json.dumps({("caption" if k == "instruction" else k): v for k, v in row.items()}) + "\n"
                                for row in rows))
-    code, printed, _ = _cli(capsys, *_cache_args(renamed, tmp_path / "c", "--field", "instruction=caption"))
+    code, printed, _ = run_cli(capsys, *_cache_args(renamed, tmp_path / "c", "--field", "instruction=caption"))
     assert code == 0 and "cached 3 records" in printed
     assert CacheReader(tmp_path / "c").manifest["config"]["fields"] == {"instruction": "caption"}
     for device, expected in (("bogus", "--device 'bogus'"), ("cuda", "--device cuda")):
         if device == "cuda" and torch.cuda.is_available():
             continue
-        code, _, err = _cli(capsys, "cache", "--model", "tiny", "--data", synth["train"], "--out", tmp_path / "d",
+        code, _, err = run_cli(capsys, "cache", "--model", "tiny", "--data", synth["train"], "--out", tmp_path / "d",
                             "--device", device)
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
 
