@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from bench.reliability import compare as cmp
-from bench.reliability.core import PY, ROOT, Trial, blocked, child_env, round_robin, run, say, temp_leftovers, \
+from bench.reliability.core import PY, Trial, blocked, child_env, round_robin, run, say, temp_leftovers, \
     trial_rng, verdict
 from bench.reliability.corrupt import tensors_digest
 from bench.reliability.jobs import JOBS, RUN_MANIFESTS, Workspace
@@ -122,7 +122,7 @@ def _tmpfs_trial(ws, job, ref, tdir: Path, size: int, timeout: float) -> dict:
             "cwd": str(tdir), "logs": str(tdir / "logs"), "timeout": timeout, "keep": str(tdir / "out-after")}
     (tdir / "spec.json").write_text(json.dumps(spec, indent=1))
     unshare = ["unshare", "-m"] + (["-r"] if _TMPFS[0] == "-r" else [])
-    proc = subprocess.run([*unshare, PY, "-m", "bench.reliability.enospc", str(tdir / "spec.json")], cwd=ROOT,
+    proc = subprocess.run([*unshare, PY, "-m", "bench.reliability.enospc", str(tdir / "spec.json")], cwd=tdir,
                           capture_output=True, text=True, env=child_env(), timeout=3 * timeout + 120)
     try:
         report = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.reliability.core import EDITKIT, PY, ROOT, FixtureError, Trial, child_env, free_port, kill_tree, \
+from bench.reliability.core import EDITKIT, PY, FixtureError, Trial, child_env, free_port, kill_tree, \
     round_robin, run, say, shell_line, trial_rng, verdict
 from bench.reliability.jobs import SIZE, Workspace
 
@@ -207,7 +207,9 @@ class Worker:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         err = open(self.log, "a")
         env = child_env(EDITKIT_QUEUE=str(self.log.parent / "default-queue"))  # never the user's own queue
-        self.proc = subprocess.Popen([PY, "-m", "bench.reliability.flags_worker"], cwd=ROOT, stdin=subprocess.PIPE,
+        # not started in the repository: `python -m` puts its folder first on sys.path, before a frozen copy
+        self.proc = subprocess.Popen([PY, "-m", "bench.reliability.flags_worker"], cwd=self.log.parent,
+                                     stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=err, text=True, env=env,
                                      start_new_session=True)
         err.close()
