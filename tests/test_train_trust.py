@@ -262,3 +262,25 @@ def test_bad_values_are_one_line(tmp_path, override, field):
         load_config(path, [override])
     msg = str(err.value)
     assert msg.startswith(f"{path}: field {field}") and "\n" not in msg
+
+
+# ---- damaged checkpoints and logs (found by bench/reliability) ---------------------------------
+
+@pytest.mark.parametrize("name,damage", [("trainable.safetensors", "data-byte"), ("optimizer.pt", "truncate"),
+                                         ("rng.pt", "data-byte"), ("state.json", "truncate"),
+                                         ("metrics.csv", "cell")])
+def test_a_damaged_checkpoint_or_log_is_one_line(cache_dir, tmp_path, name, damage):
+    out = tmp_path / "run"
+    cfg = _cfg(out, cache_dir, loop={"max_steps": 4, "checkpoint_every": 2})
+    train(cfg, stop_after=2, progress=False)
+    path = out / "metrics.csv" if name == "metrics.csv" else out / "checkpoints" / "step-000002" / name
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "cell":
+        data = data.replace(b"\n2,", b"\n2,x", 1)
+    else:
+        data[-5] ^= 0xFF  # inside the tensor data: only a checksum notices
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"{name}: damaged"):
+        train(_cfg(out, cache_dir, loop={"max_steps": 4, "checkpoint_every": 2}), resume="latest", progress=False)

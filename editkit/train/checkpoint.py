@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from editkit.errors import UserError
 from editkit.utils.atomic import atomic_dir, replace_dir
 from editkit.utils.fingerprint import FILE_NAME as FINGERPRINT
+from editkit.utils.fingerprint import file_digest
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -86,7 +87,8 @@ def save_checkpoint(root: str | Path, step: int, trainable: dict[str, torch.Tens
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler_state, tmp / "scheduler.pt")
         torch.save(rng_states, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
+        sums = {name: file_digest(tmp / name) for name in _NEEDED if name != "state.json"}
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state, "sha256": sums}, indent=2, default=str))
         for name, write in (extra_files or {}).items():
             write(tmp / name)
     for old in step_dirs(root)[:-keep_last]:
@@ -157,20 +159,43 @@ def read_state(path: str | Path) -> dict:
     missing = [n for n in _NEEDED if not (path / n).is_file()]
     if missing:
         raise UserError(f"{path}: not a complete checkpoint (missing {', '.join(missing)}); pick another step")
-    return json.loads((path / "state.json").read_text())
+    try:
+        state = json.loads((path / "state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no step")
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError too
+        raise UserError(f"{path / 'state.json'}: damaged checkpoint state; resume from another step "
+                        "(--resume PATH/step-NNNNNN) or start again with --overwrite") from None
+    return state
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """All parts of a checkpoint folder (tensors on the CPU)."""
+    """All parts of a checkpoint folder (tensors on the CPU), each checked against the sha256 that
+    state.json recorded when it was written (a flipped byte would otherwise resume silently)."""
     path = Path(path)
     state = read_state(path)
-    return {
-        "trainable": load_file(str(path / "trainable.safetensors")),
-        "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
-        "scheduler": torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"),
-        "rng": torch.load(path / "rng.pt", weights_only=True, map_location="cpu"),
-        "state": state,
-    }
+    for name, expected in state.get("sha256", {}).items():
+        if file_digest(path / name) != expected:
+            raise _damaged(path / name)
+    loaders = {"trainable": ("trainable.safetensors", lambda f: load_file(str(f))),
+               "optimizer": ("optimizer.pt", _torch_load), "scheduler": ("scheduler.pt", _torch_load),
+               "rng": ("rng.pt", _torch_load)}
+    out = {"state": state}
+    for key, (name, load) in loaders.items():
+        try:
+            out[key] = load(path / name)
+        except Exception:  # any reader error of a damaged file (SafetensorError, pickle/zip errors, OSError)
+            raise _damaged(path / name) from None
+    return out
+
+
+def _torch_load(path: Path):
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _damaged(path: Path) -> UserError:
+    return UserError(f"{path}: damaged checkpoint file; resume from another step (--resume "
+                     f"{path.parent.parent}/step-NNNNNN) or start again with --overwrite")
 
 
 def resolve_resume(resume: str | None, checkpoints: Path) -> Path | None:

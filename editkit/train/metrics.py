@@ -83,8 +83,12 @@ def _read_rows(path: Path, keep_until: int) -> tuple[list[str], list[dict]]:
     """The columns (the file's header: every column any row has) and the rows up to step keep_until."""
     if not path.is_file() or keep_until <= 0:
         return ["step"], []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = [{k: float(v) if k != "step" else int(v) for k, v in r.items() if v not in ("", None)}
-                for r in reader if int(r["step"]) <= keep_until]
-        return list(reader.fieldnames or ["step"]), rows
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [{k: float(v) if k != "step" else int(v) for k, v in r.items() if v not in ("", None)}
+                    for r in reader if int(r["step"]) <= keep_until]
+            return list(reader.fieldnames or ["step"]), rows
+    except (ValueError, TypeError, KeyError, csv.Error):  # a cell that is no number, a row cut short
+        raise UserError(f"{path}: damaged training log (line {reader.line_num}); restore it, or start again "
+                        "with --overwrite") from None
