@@ -231,3 +231,18 @@ def test_one_process_repairs_a_cache_built_by_two(synth, model, tmp_path, monkey
     assert lost and result["repaired"] == {shard: "missing"} and sorted(encoded) == lost
     reader = CacheReader(out)
     assert reader.verify()["records"] == 6 and reader.white_latents((64, 64)) is not None
+
+
+def test_a_full_disk_while_writing_a_shard_is_one_line(monkeypatch, capsys, synth, tmp_path):
+    """Shards are serialised in memory and written by Python, so ENOSPC is an OSError the CLI reports
+    (safetensors' own writer raised an opaque SafetensorError: a traceback; found by bench/reliability)."""
+    import errno
+
+    import editkit.train.cache as cache_module
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(cache_module, "write_bytes", full)
+    code, _, err = run_cli(capsys, *_cache_args(synth["train"], tmp_path / "c"))
+    assert code == 2 and err.strip().splitlines()[-1].startswith("editkit: error: the disk is full while writing")
