@@ -124,3 +124,15 @@ def test_worker_rejects_gpus_it_does_not_have(cli, tmp_path, monkeypatch):
     assert "GPU 5 does not exist; this machine has 2" in str(result.exception)
     result = cli("submit", "--gpus", "3", "--", "true")
     assert "--gpus 3: this machine has 2 GPUs" in str(result.exception)
+
+
+def test_a_job_id_beyond_sqlite_integers_is_one_line(tmp_path, capsys):
+    """found by bench/reliability's flag fuzz: an id over 2**63 overflowed inside SQLite (a traceback)."""
+    import pytest
+
+    from editkit.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["queue", "logs", str(2**70), "--queue", str(tmp_path / "q")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("editkit: error:")

@@ -10,6 +10,8 @@ import typer
 
 from editkit.errors import UserError
 
+MAX_JOB_ID = 2**63 - 1  # SQLite's INTEGER: a larger id would overflow in the query, not just miss
+
 queue_app = typer.Typer(help="A job queue that waits for free GPUs (or sends jobs to Slurm).",
                         no_args_is_help=True)
 
@@ -129,7 +131,7 @@ def watch_command(
 
 
 @queue_app.command("show")
-def show_command(job_id: int = typer.Argument(..., help="Job id."), queue: Path = _queue_option()) -> None:
+def show_command(job_id: int = typer.Argument(..., min=1, max=MAX_JOB_ID, help="Job id."), queue: Path = _queue_option()) -> None:
     """Everything recorded about one job."""
     from editkit.queue import actions
     from editkit.queue.view import show_lines
@@ -142,7 +144,7 @@ def show_command(job_id: int = typer.Argument(..., help="Job id."), queue: Path 
 
 @queue_app.command("logs")
 def logs_command(
-    job_id: int = typer.Argument(..., help="Job id."),
+    job_id: int = typer.Argument(..., min=1, max=MAX_JOB_ID, help="Job id."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
     stream: str = typer.Option("both", "--stream", help="out, err or both (stderr goes to stderr)."),
     queue: Path = _queue_option(),
@@ -161,7 +163,7 @@ def logs_command(
 
 @queue_app.command("cancel")
 def cancel_command(
-    job_ids: list[int] = typer.Argument(..., help="Job ids."),
+    job_ids: list[int] = typer.Argument(..., min=1, max=MAX_JOB_ID, help="Job ids."),
     grace: float = typer.Option(10.0, "--grace", help="Seconds between SIGTERM and SIGKILL of a running job."),
     queue: Path = _queue_option(),
 ) -> None:
@@ -176,7 +178,7 @@ def cancel_command(
 
 
 @queue_app.command("retry")
-def retry_command(job_id: int = typer.Argument(..., help="Job id."), queue: Path = _queue_option()) -> None:
+def retry_command(job_id: int = typer.Argument(..., min=1, max=MAX_JOB_ID, help="Job id."), queue: Path = _queue_option()) -> None:
     """Queue a finished (failed, cancelled or done) job again, with a fresh retry budget."""
     from editkit.queue import actions
 
