@@ -376,3 +376,21 @@ def test_build_resume_trusts_only_the_fingerprint(tmp_path, capsys):
     write_manifest(records, tmp_path / "m.jsonl")
     code, _, err = _cli(capsys, "data", "build", tmp_path / "m.jsonl", "--out", out, "--overwrite", "--workers", "1")
     assert code == 0 and Image.open(built).size == (64, 64) and (out / "fingerprint.json").is_file()
+
+
+def test_a_resumed_build_removes_what_a_killed_write_left(tmp_path):
+    """found by bench/reliability: a build killed mid-PNG left `.tmp-*` files that no re-run removed."""
+    from editkit.data import read_manifest
+    from editkit.data.build import build_dataset
+    from editkit.data.synth import synthesize
+
+    paths = synthesize(tmp_path / "raw", n=3, size=32, seed=0, val_fraction=0.0, test_fraction=0.0, progress=False)
+    out = tmp_path / "built"
+    records = read_manifest(paths["train"])
+    build_dataset(records, out, progress=False)
+    stale = next((out / "images").rglob("*.png"))
+    leftover = stale.parent / f".tmp-{stale.name}.abcd1234.png"
+    leftover.write_bytes(b"half a png")
+    stale.unlink()  # the record the kill interrupted
+    build_dataset(records, out, progress=False)
+    assert stale.is_file() and not list(out.rglob(".tmp-*"))

@@ -26,7 +26,7 @@ from editkit.data.manifest import write_manifest
 from editkit.data.records import EditRecord
 from editkit.data.tools import plain_name, where
 from editkit.errors import UserError
-from editkit.utils.atomic import atomic_path
+from editkit.utils.atomic import atomic_path, remove_stale_temp
 from editkit.utils.fingerprint import FILE_NAME as FINGERPRINT, claim_folder, records_stamp
 from editkit.utils.progress import console, parallel_map
 from editkit.utils.runinfo import write_run_manifest
@@ -70,6 +70,8 @@ def build_record(args: tuple[EditRecord, BuildOptions]) -> tuple[EditRecord | No
         record, sources=[outputs[f"source_{i}"] for i in range(len(record.sources))],
         target=outputs.get("target"), mask=outputs.get("mask"), ref_gt=outputs.get("ref_gt"),
         metadata=dict(record.metadata))
+    for path in outputs.values():
+        remove_stale_temp(path)  # what a killed build left (one process builds each record)
     if opts.resume and all(p.is_file() for p in outputs.values()):
         return built, None, True
     try:

@@ -32,6 +32,7 @@ from editkit.infer.engine import EditRequest, Engine, check_cfg, check_mask_size
 from editkit.infer.fusion import check_mode
 from editkit.infer.outputs import save_png
 from editkit.utils import dist
+from editkit.utils.atomic import remove_stale_temp
 from editkit.utils.fingerprint import claim_folder, records_stamp
 from editkit.utils.progress import make_progress
 from editkit.utils.runinfo import write_run_manifest
@@ -179,7 +180,7 @@ def run_dataset(engine: Engine, records: Sequence, out_dir: str | os.PathLike, c
         _write_manifest(engine, folder, cfg, config, len(records))
         for record in mine:
             path = output_path(folder, record.id)
-            _remove_stale_temp_files(path)
+            remove_stale_temp(path)
             if path.exists():
                 result.skipped += 1
             else:
@@ -260,12 +261,6 @@ def _clear_outputs(folder: Path, mine: Sequence, records: Sequence) -> None:
     for old in [folder / RUN_MANIFEST, *folder.glob("run-rank*.json")]:
         if old.name not in manifests:
             old.unlink(missing_ok=True)
-
-
-def _remove_stale_temp_files(path: Path) -> None:
-    """Drop what a killed write of `path` left behind (only this process writes this record's files)."""
-    for stale in path.parent.glob(f".tmp-{path.name}.????????{path.suffix}"):  # atomic_path's mkstemp name
-        stale.unlink(missing_ok=True)
 
 
 def _write_manifest(engine: Engine, folder: Path, cfg: float, config: DatasetRunConfig, total: int,

@@ -61,6 +61,14 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temp(dest: str | os.PathLike) -> None:
+    """Drop what a killed `atomic_path` write of `dest` left behind. Only for jobs in which one
+    process writes `dest` (a live writer's temporary file would go too)."""
+    dest = Path(dest)
+    for stale in dest.parent.glob(f".tmp-{dest.name}.????????{dest.suffix}"):  # mkstemp's name above
+        stale.unlink(missing_ok=True)
+
+
 def write_bytes(dest: str | os.PathLike, data: bytes) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_bytes(data)
