@@ -235,3 +235,13 @@ def test_model_info_on_a_folder_reads_headers_without_torch(saved_by_cli):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "transformer:" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "no torch"
+
+
+@pytest.mark.parametrize("option", ["vae_image_size", "vlm_image_size"])
+def test_view_sizes_out_of_range_are_one_line(option):
+    """found by bench/reliability's fuzz: a side of 0 was taken as "the default" and exited 0."""
+    from editkit.errors import UserError
+
+    for side in (0, -8, 100000):
+        with pytest.raises(UserError, match="from 16 to 4096"):
+            load_model("tiny", **{option: side})

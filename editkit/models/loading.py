@@ -130,6 +130,9 @@ def load_model(
     `attention_backend` is a diffusers attention backend name (e.g. "flash", "_native_cudnn");
     `compile` compiles the transformer's repeated blocks with torch.compile.
     """
+    for option, side in (("--vae-image-size", vae_image_size), ("--vlm-image-size", vlm_image_size)):
+        if side is not None and not 16 <= side <= 4096:
+            raise UserError(f"{option} {side}: give a side in pixels from 16 to 4096")
     import torch
 
     from editkit.models.edit_model import EditModel
@@ -145,9 +148,9 @@ def load_model(
         check_files([transformer_dir])
         parts["transformer"] = _load_transformer(transformer_dir, torch_type)
     sizes = dict(extra.get("sizes", {}))
-    if vae_image_size:
+    if vae_image_size is not None:
         sizes["vae_image_area"] = int(vae_image_size) ** 2
-    if vlm_image_size:
+    if vlm_image_size is not None:
         sizes["vlm_image_area"] = int(vlm_image_size) ** 2
     spec_family = get_family(extra["family"])
     check_transformer_flags(spec_family, parts["transformer"].config)
