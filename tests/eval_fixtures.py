@@ -48,16 +48,3 @@ def make_predictions(folder: Path, records: list[EditRecord], noise: float, seed
         pred = np.clip(tgt + rng.normal(0, noise, tgt.shape), 0, 1)
         Image.fromarray((pred * 255).round().astype(np.uint8)).save(folder / f"{record.id}.png")
     return folder
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    """`editkit ARGS` in this process: (exit code, stdout, stderr)."""
-    from editkit.cli import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from editkit.errors import UserError
-from tests.eval_fixtures import run_cli
+from tests.cli_run import run_cli
 
 AREA, MULTIPLE = 64 * 64, 16
 

@@ -17,6 +17,7 @@ from editkit.data.records import EditRecord
 from editkit.data.tools import plain_name
 from editkit.data.validate import validate_manifest
 from editkit.errors import UserError
+from tests.cli_run import run_cli
 
 W, H = 64, 8
 GRADIENT16 = np.linspace(0, 65535, W * H).reshape(H, W).astype(np.uint16)
@@ -41,15 +42,8 @@ def _grey(img: Image.Image) -> np.ndarray:
 
 def _cli(capsys, *args):
     """(exit code, stdout, stderr lines) of an in-process CLI run."""
-    from editkit.cli import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    out = capsys.readouterr()
-    return code, out.out, out.err.strip().splitlines()
+    code, out, err = run_cli(capsys, *args)
+    return code, out, err.strip().splitlines()
 
 
 # -- 1. every mode Pillow decodes ------------------------------------------------------------------

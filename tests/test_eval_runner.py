@@ -11,7 +11,8 @@ from PIL import Image
 import editkit.eval.runner as runner
 from editkit.errors import UserError
 from editkit.eval.runner import evaluate
-from tests.eval_fixtures import make_dataset, make_predictions, run_cli
+from tests.cli_run import run_cli
+from tests.eval_fixtures import make_dataset, make_predictions
 
 FAST = ["pixel", "seam"]
 

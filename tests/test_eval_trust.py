@@ -16,7 +16,8 @@ from editkit.data import write_manifest
 from editkit.errors import UserError
 from editkit.eval.compare import compare_runs
 from editkit.eval.runner import evaluate
-from tests.eval_fixtures import make_dataset, make_predictions, run_cli
+from tests.cli_run import run_cli
+from tests.eval_fixtures import make_dataset, make_predictions
 
 FAST = ["pixel", "seam"]
 

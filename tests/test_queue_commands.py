@@ -5,26 +5,10 @@ import subprocess
 import sys
 
 import pytest
-import typer
-from typer.testing import CliRunner
 
 from editkit.errors import UserError
-from editkit.queue.commands import register
 from editkit.queue.store import CANCELLED, FAILED, WAITING, Store
-
-
-@pytest.fixture
-def cli(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDITKIT_QUEUE", str(tmp_path / "q"))
-    monkeypatch.chdir(tmp_path)
-    app = typer.Typer()
-    app.callback()(lambda: None)
-    register(app)
-
-    def run(*args):
-        return CliRunner().invoke(app, ["queue", *args])
-
-    return run
+from tests.queue_fixtures import cli  # noqa: F401 (a fixture)
 
 
 def _store(tmp_path):

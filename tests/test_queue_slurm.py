@@ -7,24 +7,12 @@ import stat
 import time
 
 import pytest
-import typer
-from typer.testing import CliRunner
 
 from editkit.queue import procs
-from editkit.queue.commands import register
 from editkit.queue.store import CANCELLED, DONE, FAILED, RUNNING, WAITING, Store
+from tests.queue_fixtures import cli  # noqa: F401 (a fixture)
 
 TIMEOUT_S = 180.0
-
-
-@pytest.fixture
-def cli(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDITKIT_QUEUE", str(tmp_path / "q"))
-    monkeypatch.chdir(tmp_path)
-    app = typer.Typer()
-    app.callback()(lambda: None)
-    register(app)
-    return lambda *args: CliRunner().invoke(app, ["queue", *args])
 
 
 def _state_after_list(cli, tmp_path, job_id):
