@@ -234,15 +234,15 @@ def test_one_process_repairs_a_cache_built_by_two(synth, model, tmp_path, monkey
 
 
 def test_a_full_disk_while_writing_a_shard_is_one_line(monkeypatch, capsys, synth, tmp_path):
-    """Shards are serialised in memory and written by Python, so ENOSPC is an OSError the CLI reports
-    (safetensors' own writer raised an opaque SafetensorError: a traceback; found by bench/reliability)."""
-    import errno
-
+    """safetensors' writer reports a full disk as a SafetensorError; the atomic layer turns it into
+    OSError(ENOSPC), which the CLI reports in one line (it was a traceback; found by bench/reliability)."""
     import editkit.train.cache as cache_module
 
-    def full(path, data):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def full(tensors, path):
+        raise cache_module.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                           'message: "No space left on device" })')
 
-    monkeypatch.setattr(cache_module, "write_bytes", full)
+    monkeypatch.setattr(cache_module, "save_file", full)
     code, _, err = run_cli(capsys, *_cache_args(synth["train"], tmp_path / "c"))
     assert code == 2 and err.strip().splitlines()[-1].startswith("editkit: error: the disk is full while writing")
+    assert not list((tmp_path / "c").rglob(".tmp-*"))

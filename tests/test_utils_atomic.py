@@ -71,3 +71,22 @@ def test_model_folder_from_atomic_dir_gets_the_umask_mode_throughout(tmp_path, u
     assert {_mode(p) for p in weights} == {0o640}
     assert {_mode(p) for p in folder.rglob("*") if p.is_file()} == {0o640}
     assert {_mode(p) for p in [folder, *folder.rglob("*")] if p.is_dir()} == {0o750}
+
+
+def test_a_writer_reporting_a_full_disk_its_own_way_becomes_enospc(tmp_path):
+    """safetensors and torch raise their own types with the OS text inside; the CLI needs OSError."""
+    import errno
+
+    import pytest
+
+    from editkit.utils.atomic import atomic_dir, atomic_path
+
+    for writer in (atomic_path(tmp_path / "a.safetensors"), atomic_dir(tmp_path / "folder")):
+        with pytest.raises(OSError) as err:
+            with writer:
+                raise RuntimeError("Error while serializing: No space left on device (os error 28)")
+        assert err.value.errno == errno.ENOSPC
+    with pytest.raises(ValueError):  # other errors pass through untouched
+        with atomic_path(tmp_path / "b.bin"):
+            raise ValueError("not a disk problem")
+    assert not list(tmp_path.iterdir())

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors.torch import save_file
 
 from editkit.errors import UserError
-from editkit.utils.atomic import write_bytes, write_json
+from editkit.utils.atomic import atomic_path, write_json
 from editkit.utils.fingerprint import FILE_NAME as FINGERPRINT_FILE
 from editkit.utils.fingerprint import claim_folder, digest, folder_stamp, records_stamp
 
@@ -222,9 +222,8 @@ class CacheWriter:
             return
         shard = self._next_shard()
         path = self.out / "shards" / shard
-        # serialised here and written by Python: a full disk is then an OSError (ENOSPC), which the
-        # CLI reports in one line; safetensors' own writer raises an opaque SafetensorError
-        write_bytes(path, save(self.pending))
+        with atomic_path(path) as tmp:
+            save_file(self.pending, str(tmp))
         self.index["shards"][shard] = sha256(path)
         for rid, meta in self.pending_records.items():
             self.index["records"][rid] = {"shard": shard, **meta}

@@ -7,6 +7,7 @@ start with '.tmp-' so readers (and resumable jobs) can ignore them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -44,6 +45,24 @@ def _as_if_created_tree(root: Path) -> None:
                 _as_if_created(path, _file_mode(path))
 
 
+_DISK_FULL_TEXTS = ("no space left on device", "disk quota exceeded")
+
+
+@contextlib.contextmanager
+def _disk_full_as_oserror(dest: Path) -> Iterator[None]:
+    """Writers in Rust or C++ (safetensors, torch.save) report a full disk as their own exception
+    type with the OS message inside; re-raise those as OSError(ENOSPC) naming `dest`, so the CLI's
+    one disk-full line covers every writer that goes through this module."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as err:
+        if not any(text in str(err).lower() for text in _DISK_FULL_TEXTS):
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest)) from err
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path in dest's folder; on success rename it to dest."""
@@ -54,7 +73,8 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp = Path(tmp)
     _as_if_created(tmp, 0o666)
     try:
-        yield tmp
+        with _disk_full_as_oserror(dest):
+            yield tmp
         _as_if_created(tmp, _file_mode(tmp))  # the writer may have replaced it (safetensors writes 0600)
         os.replace(tmp, dest)
     finally:
@@ -90,7 +110,8 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}.", dir=dest.parent))
     _as_if_created(tmp, 0o777)
     try:
-        yield tmp
+        with _disk_full_as_oserror(dest):
+            yield tmp
         replace_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
