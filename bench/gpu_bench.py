@@ -621,7 +621,7 @@ def section_e2e(run: Run) -> None:
                           output_area=side * side)
         from editkit.infer.engine import EditRequest, Engine
 
-        accel.accelerate(model, accel.Accel(compile=run.args.compile))
+        accel.apply_accel(model, accel.Accel(compile=run.args.compile))
         engine = Engine(model)
 
         def run_engine(n):
@@ -652,7 +652,7 @@ def section_lowmem(run: Run) -> None:
     model = EditModel(get_family("qwen-image-edit-2511"), comps["transformer"], comps["vae"], comps["text_encoder"],
                       comps["tokenizer"], comps["image_processor"], comps["scheduler"],
                       vlm_image_area=run.preset.vlm_image_area, vae_image_area=side * side, output_area=side * side)
-    accel.accelerate(model, accel.Accel(compile=False, offload="group"))
+    accel.apply_accel(model, accel.Accel(compile=False, offload="group"))
     del comps
     run.free()
     cap = run.args.lowmem_gib

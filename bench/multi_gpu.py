@@ -281,7 +281,7 @@ def infer(args) -> dict | None:
         if args.accel:
             from editkit.models import accel
 
-            accel.accelerate(model)
+            accel.apply_accel(model)
         world.sync()
         load_s = time.perf_counter() - t0
         engine = Engine(model, model_name=str(args.model), max_batch=args.batch_size)
@@ -575,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (negative prompt ' '); <= 1 turns CFG off")
     s.add_argument("--batch-size", type=int, default=4, help="requests per engine batch")
     s.add_argument("--warmup-steps", type=int, default=2, help="steps of the untimed warm-up batch (0: none)")
-    s.add_argument("--accel", action="store_true", help="editkit.models.accel.accelerate (compiles: slow first edits)")
+    s.add_argument("--accel", action="store_true", help="editkit.models.accel.apply_accel (compiles: slow first edits)")
     s.add_argument("--data", default=None, help="a manifest to edit instead of synthetic shapes")
     s.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     s.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK, or cpu without a GPU")

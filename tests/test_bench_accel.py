@@ -51,7 +51,7 @@ def test_unknown_modes_are_user_errors(tiny):
     with pytest.raises(UserError):
         accel.apply_fp8(tiny, "int3")
     with pytest.raises(UserError):
-        accel.accelerate(tiny, accel.Accel(compile=False, offload="disk"))
+        accel.apply_accel(tiny, accel.Accel(compile=False, offload="disk"))
 
 
 def test_split_prompt_lengths_matches_the_masked_batch():
@@ -70,7 +70,7 @@ def test_split_prompt_lengths_matches_the_masked_batch():
     t = torch.tensor([0.3, 0.6, 0.9])
     with torch.no_grad():
         want = model.predict(latents, t, embeds, mask, shapes, cond)
-        accel.split_prompt_lengths(model)
+        model.split_prompt_lengths()
         got = model.predict(latents, t, embeds, mask, shapes, cond)
         calls = []
         original = model.transformer.forward

@@ -5,30 +5,50 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from editkit.data.images import (bucket_for, load_image, load_mask, make_buckets, resize_to_area,
-                                 resize_to_bucket, target_size)
+from editkit.data.images import (bucket_for, fit_area, load_image, load_mask, make_buckets, oriented_size,
+                                 resize_to_area, resize_to_bucket, target_size)
 from editkit.errors import UserError
 
 
-def _diffusers_calculate_dimensions():
-    """The reference function, taken from the installed diffusers source without importing the
-    pipeline module (which pulls in transformers and takes many seconds)."""
+def _diffusers_calculate_dimensions(module: str):
+    """The reference function of a diffusers Qwen pipeline module, taken from the installed source
+    without importing the module (which pulls in transformers and takes seconds)."""
     import ast
     import importlib.util
 
     root = Path(importlib.util.find_spec("diffusers").origin).parent
-    source = (root / "pipelines" / "qwenimage" / "pipeline_qwenimage_edit_plus.py").read_text()
+    source = (root / "pipelines" / "qwenimage" / f"{module}.py").read_text()
     node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "calculate_dimensions")
     namespace = {"math": math}
     exec(compile(ast.Module(body=[node], type_ignores=[]), "calculate_dimensions", "exec"), namespace)
     return namespace["calculate_dimensions"]
 
 
-def test_target_size_matches_diffusers_calculate_dimensions():
-    calculate_dimensions = _diffusers_calculate_dimensions()
-    for w, h in [(1000, 600), (512, 512), (1920, 1080), (333, 777), (64, 48), (4000, 3000)]:
-        for area in (384 * 384, 1024 * 1024):
-            assert target_size(w, h, area, 32) == calculate_dimensions(area, w / h)
+@pytest.mark.parametrize("module", ["pipeline_qwenimage_edit", "pipeline_qwenimage_edit_plus"])
+def test_fit_area_matches_diffusers_calculate_dimensions(module):
+    calculate_dimensions = _diffusers_calculate_dimensions(module)
+    ratios = [math.exp(t / 20) for t in range(-28, 29)]  # about 1/4 .. 4
+    ratios += [w / h for w, h in [(1000, 600), (1920, 1080), (333, 777), (64, 48), (4000, 3000), (1, 1)]]
+    for area in (256 * 256, 384 * 384, 512 * 512, 640 * 480, 1024 * 1024, 1328 * 1328):
+        for ratio in ratios:
+            assert fit_area(area, ratio, 32) == tuple(calculate_dimensions(area, ratio)[:2]), (area, ratio)
+
+
+def test_fit_area_clamps_each_side_to_one_multiple():
+    # diffusers would round the short side to 0 here
+    assert fit_area(64 * 64, 100.0, 32) == (640, 32)
+    assert fit_area(64 * 64, 1 / 100, 16) == (16, 640)
+    assert fit_area(1, 1.0, 16) == (16, 16)
+    for bad in [(0, 1.0, 32), (64, 0.0, 32), (64, math.inf, 32), (64, math.nan, 32), (64, 1.0, 7)]:
+        with pytest.raises(ValueError):
+            fit_area(*bad)
+
+
+def test_target_size_is_fit_area_at_the_image_aspect():
+    for w, h in [(1000, 600), (333, 777), (5000, 20)]:
+        assert target_size(w, h, 384 * 384, 16) == fit_area(384 * 384, w / h, 16)
+    with pytest.raises(ValueError):
+        target_size(0, 10, 64 * 64)
 
 
 @pytest.mark.parametrize("multiple", [16, 32])
@@ -40,12 +60,29 @@ def test_target_size_keeps_aspect_and_multiple(multiple):
             assert abs(math.log(tw / th) - math.log(w / h)) < 0.5
 
 
-def test_exif_orientation_is_applied(tmp_path):
+def _turned_jpeg(path, orientation):
     img = Image.new("RGB", (40, 20), "red")
     exif = img.getexif()
-    exif[0x0112] = 6  # rotate 90 CW on display
-    img.save(tmp_path / "r.jpg", exif=exif)
-    assert load_image(tmp_path / "r.jpg").size == (20, 40)
+    exif[0x0112] = orientation
+    img.save(path, exif=exif)
+    return path
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    assert load_image(_turned_jpeg(tmp_path / "r.jpg", 6)).size == (20, 40)  # 6: rotate 90 CW on display
+
+
+@pytest.mark.parametrize("orientation, shown", [(1, (40, 20)), (3, (40, 20)), (6, (20, 40)), (8, (20, 40))])
+def test_oriented_size_reads_the_size_as_shown(tmp_path, orientation, shown):
+    path = _turned_jpeg(tmp_path / "r.jpg", orientation)
+    assert oriented_size(path) == shown == load_image(path).size
+
+
+def test_oriented_size_refuses_missing_and_undecodable_files(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for path in (tmp_path / "nope.png", tmp_path / "bad.png"):
+        with pytest.raises(UserError, match=str(path.name)):
+            oriented_size(path)
 
 
 def test_rgba_is_composited_on_white_and_rgba_mode_kept(tmp_path):

@@ -9,7 +9,7 @@ from scipy.stats import chisquare
 from editkit.data import write_manifest
 from editkit.data.images import make_buckets
 from editkit.data.mixing import (BucketBatchSampler, MixingSampler, bucket_by_image_size, discover_datasets,
-                                 load_datasets, parse_dataset_weights, parse_source_weights)
+                                 load_datasets, parse_dataset_weights, parse_source_weights, preview_mixture)
 from editkit.data.records import EditRecord
 from editkit.errors import UserError
 
@@ -44,6 +44,26 @@ def test_default_source_law_keeps_dataset_weights_exact():
     sampler = MixingSampler(skewed, batch_size=1, dataset_weights={"a": 1, "b": 1}, seed=2, rank=0, world_size=1)
     counts = Counter(sampler.dataset_of(sampler.next_batch()[0]) for _ in range(4000))
     assert chisquare([counts["a"], counts["b"]], [2000, 2000]).pvalue > 1e-3
+
+
+def test_preview_mixture_counts_the_drawn_batches():
+    def make():
+        return MixingSampler(DATASETS, batch_size=2, dataset_weights={"a": 3, "b": 1, "c": 0},
+                             source_weights={0: 1, 1: 1, 2: 2}, seed=4, rank=0, world_size=1)
+
+    preview = preview_mixture(make(), 2000)
+    reference = make()
+    firsts = [reference.next_batch()[0] for _ in range(2000)]
+    datasets = Counter(reference.dataset_of(i) for i in firsts)
+    counts = Counter(len(reference.records[i].sources) for i in firsts)
+    assert preview.steps == 2000 and preview.records == 420  # a and b; c has weight 0
+    assert preview.dataset_shares == {"a": datasets["a"] / 2000, "b": datasets["b"] / 2000}
+    assert preview.count_shares == {0: counts[0] / 2000, 1: counts[1] / 2000, 2: counts[2] / 2000}
+    assert preview.dataset_weights == pytest.approx({"a": 0.75, "b": 0.25})
+    assert sum(preview.count_shares.values()) == pytest.approx(1.0)
+    assert preview.count_shares[2] == pytest.approx(0.5, abs=0.05)
+    with pytest.raises(ValueError):
+        preview_mixture(make(), 0)
 
 
 def test_ranks_share_the_source_count_and_batches_stack():

@@ -11,11 +11,11 @@ from PIL import Image
 
 from editkit.data import read_manifest, write_manifest
 from editkit.data.build import build_dataset
-from editkit.data.images import (binarize_mask, image_size, load_image, load_mask, mask_size_problem, open_8bit,
-                                 to_8bit)
+from editkit.data.images import (binarize_mask, load_image, load_mask, mask_size_problem, open_8bit,
+                                 oriented_size, to_8bit)
 from editkit.data.records import EditRecord
 from editkit.data.tools import plain_name
-from editkit.data.validate import validate_manifest
+from editkit.data.validate import check_image, validate_manifest
 from editkit.errors import UserError
 from tests.cli_run import run_cli
 
@@ -225,7 +225,8 @@ def test_mask_size_problem_for_infer(tmp_path):
     exif = img.getexif()
     exif[0x0112] = 6
     img.save(tmp_path / "m.jpg", exif=exif)
-    assert image_size(tmp_path / "m.jpg") == (6, 4)  # as shown, from the header
+    assert oriented_size(tmp_path / "m.jpg") == (6, 4)  # as shown, from the header
+    assert check_image((tmp_path / "m.jpg", True)).size == (6, 4)  # validate's decoded size agrees
     assert mask_size_problem((6, 4), (6, 4)) is None
     assert mask_size_problem((6, 4), (8, 8), "first source image") == \
         "mask is 6x4 but the first source image is 8x8; resize the mask to its image"

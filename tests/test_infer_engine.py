@@ -143,3 +143,21 @@ def test_bad_requests_are_user_errors(engine, kwargs, message):
     request = EditRequest(**{"prompt": "blue", "images": [noise_image(0, (64, 64))], **kwargs})
     with pytest.raises(UserError, match=message):
         engine.edit([request])
+
+
+def test_bridge_start_is_the_same_in_training_and_in_the_engine(engine, tmp_path):
+    """A source of another aspect than the output: training, previews and the engine all start the
+    LBM bridge from the source covering the output and centre-cropped (never stretched)."""
+    from editkit.data.records import EditRecord
+    from editkit.train.samples import encode_records
+
+    wide = noise_image(11, (128, 48))  # 8:3 source for a 64x64 output
+    wide.save(tmp_path / "src.png")
+    noise_image(12, (64, 64)).save(tmp_path / "tgt.png")
+    record = EditRecord(id="a", instruction="x", sources=[tmp_path / "src.png"], target=tmp_path / "tgt.png")
+    trained = encode_records(engine.model, [record], (64, 64))[0]["bridge_source"]
+    request = EditRequest("x", [Image.open(tmp_path / "src.png").convert("RGB")], sampler="bridge")
+    started = engine._source_latents([request], 64, 64)
+    torch.testing.assert_close(engine.model.pack(trained[None].to(started)), started)
+    stretched = engine.model.pack(engine.model.encode_images([wide], 64, 64))
+    assert not torch.allclose(stretched, started, atol=1e-3)

@@ -98,19 +98,19 @@ def test_mixed_batch_equals_one_by_one(model):
 
 
 def test_bridge_sampler_follows_the_bridge(model):
-    from editkit.infer.sampler import bridge_sample
+    from editkit.infer.sampler import sample_bridge
 
     inputs = model.prepare(["make it red"], [[_image(0)]], 64, 64)
     source = model.pack(model.encode_images([_image(0)], 64, 64))
-    out = bridge_sample(model, inputs, source, steps=2, bridge_noise=0.0)
+    out = sample_bridge(model, inputs, source, steps=2, bridge_noise=0.0)
     with torch.no_grad():
         x = source
         for s, s_next in ((1.0, 0.5), (0.5, 0.0)):
             v = model.predict(x, s, inputs.prompt_embeds, inputs.prompt_mask, inputs.img_shapes, inputs.cond_latents)
             x = x + (s_next - s) * v
     assert torch.allclose(out, x, atol=1e-5)
-    noisy_a = bridge_sample(model, inputs, source, steps=2, bridge_noise=0.5, seeds=[1])
-    noisy_b = bridge_sample(model, inputs, source, steps=2, bridge_noise=0.5, seeds=[1])
+    noisy_a = sample_bridge(model, inputs, source, steps=2, bridge_noise=0.5, seeds=[1])
+    noisy_b = sample_bridge(model, inputs, source, steps=2, bridge_noise=0.5, seeds=[1])
     assert torch.equal(noisy_a, noisy_b) and not torch.allclose(noisy_a, out, atol=1e-3)
 
 

@@ -10,9 +10,11 @@ import torch
 from editkit.errors import UserError
 from editkit.train import checkpoint as ckpt
 from editkit.train.config import ObjectiveConfig, OptimConfig, TimestepConfig, load_config
-from editkit.train.objectives import bridge_sample, flow_matching_loss, lbm_loss, mask_weight_map
+from editkit.train.objectives import bridge_point, flow_matching_loss, lbm_loss, mask_weight_map
 from editkit.train.optim import build_optimizer, build_schedule, clips_gradients, eval_mode, train_mode
-from editkit.train.timesteps import dynamic_shift_mu, exponential_shift, loss_weights, sample_sigmas
+from editkit.models.families import QWEN_IMAGE_SCHEDULER
+from editkit.infer.sampler import dynamic_shift_mu
+from editkit.train.timesteps import exponential_shift, loss_weights, sample_sigmas
 
 
 def _write(tmp_path, text):
@@ -54,12 +56,12 @@ def test_config_errors_are_one_line(tmp_path, text, overrides, needle):
 def test_sigma_sampling_ranges_and_shift():
     g = torch.Generator().manual_seed(0)
     for sampling in ("uniform", "logit_normal", "shifted"):
-        s = sample_sigmas(TimestepConfig(sampling=sampling), 2000, g, image_seq_len=4096)
+        s = sample_sigmas(TimestepConfig(sampling=sampling), 2000, g, image_seq_len=4096, shift=QWEN_IMAGE_SCHEDULER)
         assert s.min() > 0 and s.max() <= 1
     d = sample_sigmas(TimestepConfig(sampling="discrete", values=[0.25, 1.0]), 500, g)
     assert set(d.tolist()) == {0.25, 1.0}
     # the shift pushes σ towards noise for large images, following the scheduler's formula
-    mu = dynamic_shift_mu(4096)
+    mu = dynamic_shift_mu(QWEN_IMAGE_SCHEDULER, 4096)
     assert mu == pytest.approx(0.5 + (0.9 - 0.5) * (4096 - 256) / (8192 - 256))
     assert float(exponential_shift(torch.tensor(0.5), mu)) == pytest.approx(math.exp(mu) / (math.exp(mu) + 1))
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -105,14 +107,14 @@ def test_mask_weight_map_at_latent_resolution():
     assert mask_weight_map(mask, torch.Size([1, 4, 1, 2, 2]), 0.0) is None
 
 
-def test_bridge_sample_hand_values():
+def test_bridge_point_hand_values():
     src, tgt, eps = torch.full((1, 2), 2.0), torch.full((1, 2), -1.0), torch.ones(1, 2)
-    x = bridge_sample(src, tgt, torch.tensor([0.25]), eps, bridge_noise=0.1)
+    x = bridge_point(src, tgt, torch.tensor([0.25]), eps, bridge_noise=0.1)
     # σ·src + (1-σ)·tgt + b·sqrt(σ(1-σ))·ε with σ = 0.25 (LBM's t = 0.75)
     expected = 0.25 * 2 + 0.75 * -1 + 0.1 * math.sqrt(0.25 * 0.75)
     assert torch.allclose(x, torch.full((1, 2), expected))
-    assert torch.equal(bridge_sample(src, tgt, torch.tensor([1.0]), eps, 0.1), src)
-    assert torch.equal(bridge_sample(src, tgt, torch.tensor([0.0]), eps, 0.1), tgt)
+    assert torch.equal(bridge_point(src, tgt, torch.tensor([1.0]), eps, 0.1), src)
+    assert torch.equal(bridge_point(src, tgt, torch.tensor([0.0]), eps, 0.1), tgt)
 
 
 def test_lbm_loss_and_sub_stream_hand_values():
@@ -243,15 +245,15 @@ def test_unused_last_block_modules_are_left_out():
 def test_bridge_sampler_one_step_inverts_a_perfect_drift():
     from types import SimpleNamespace
 
-    from editkit.infer.sampler import bridge_sample
+    from editkit.infer.sampler import sample_bridge
 
     g = torch.Generator().manual_seed(0)
     source = torch.randint(-8, 8, (2, 16, 16), generator=g).float() / 4  # dyadic: exact arithmetic
     target = torch.randint(-8, 8, (2, 16, 16), generator=g).float() / 4
     model = SimpleNamespace(predict=lambda x, t, *args: source - target)
     inputs = SimpleNamespace(prompt_embeds=None, prompt_mask=None, img_shapes=None, cond_latents=None)
-    assert torch.equal(bridge_sample(model, inputs, source, steps=1, bridge_noise=0.005, seeds=[0, 1]), target)
-    many = bridge_sample(model, inputs, source, steps=4, bridge_noise=0.0, seeds=[0, 1])
+    assert torch.equal(sample_bridge(model, inputs, source, steps=1, bridge_noise=0.005, seeds=[0, 1]), target)
+    many = sample_bridge(model, inputs, source, steps=4, bridge_noise=0.0, seeds=[0, 1])
     assert torch.allclose(many, target, atol=1e-6)
 
 

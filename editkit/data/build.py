@@ -22,7 +22,7 @@ from PIL import Image
 
 from editkit.data.folder import IMAGE_DIRS, parse_layout
 from editkit.data.images import load_image, load_mask, resize_to_area
-from editkit.data.manifest import write_manifest
+from editkit.data.manifest import raise_first_problem, write_manifest
 from editkit.data.records import EditRecord
 from editkit.data.tools import plain_name, where
 from editkit.errors import UserError
@@ -100,14 +100,8 @@ def records_from_folders(sources: Path | None = None, targets: Path | None = Non
     if prompts is None:
         raise UserError("--prompts is required with image folders (prompts.jsonl, .csv or .txt with one entry per id)")
     good, problems = parse_layout({name: given[name] for name in IMAGE_DIRS}, prompts, fields)
-    _raise_first(problems)
+    raise_first_problem(problems)
     return [r for _, r in good]
-
-
-def _raise_first(problems: list) -> None:
-    if problems:
-        more = f" (and {len(problems) - 1} more; run `editkit data validate`)" if len(problems) > 1 else ""
-        raise UserError(f"{problems[0]}{more}")
 
 
 def _claim(out: Path, records: list[EditRecord], area: int | None, multiple: int, manifest_name: str,

@@ -205,23 +205,17 @@ def mix(
     split: Annotated[str, typer.Option(help="Manifest name to use in each dataset folder (train -> train.jsonl).")] = "train",
 ) -> None:
     """Preview a dataset mixture: how often each dataset and source-image count is drawn."""
-    from collections import Counter
-
-    from editkit.data.mixing import open_mixture
+    from editkit.data.mixing import open_mixture, preview_mixture
 
     _at_least_one(steps, "--steps", most=1_000_000)
     _at_least_one(batch_size, "--batch-size")
     sampler = open_mixture(root, batch_size, weights, source_weights, seed=seed, split=split, rank=0, world_size=1)
-    datasets, counts = Counter(), Counter()
-    for _ in range(steps):
-        batch = sampler.next_batch()
-        datasets[sampler.dataset_of(batch[0])] += 1
-        counts[len(sampler.records[batch[0]].sources)] += 1
-    typer.echo(f"{len(sampler.records)} records; batches drawn over {steps} steps:")
-    for name in sampler.names:
-        typer.echo(f"  dataset {name}: {datasets[name] / steps:.3f} (weight {sampler.dataset_weights[name]:.3f})")
-    for k in sampler.counts:
-        typer.echo(f"  {k} source image(s): {counts[k] / steps:.3f}")
+    preview = preview_mixture(sampler, steps)
+    typer.echo(f"{preview.records} records; batches drawn over {preview.steps} steps:")
+    for name, share in preview.dataset_shares.items():
+        typer.echo(f"  dataset {name}: {share:.3f} (weight {preview.dataset_weights[name]:.3f})")
+    for k, share in preview.count_shares.items():
+        typer.echo(f"  {k} source image(s): {share:.3f}")
 
 
 def register(app: typer.Typer) -> None:

@@ -336,14 +336,6 @@ def parse_table(path: Path, schema: str | None = None, fields: dict[str, str] | 
     return good, problems
 
 
-def read_table(path: Path, schema: str | None = None, fields: dict[str, str] | None = None) -> list[EditRecord]:
-    """Records from a JSON list / JSONL / CSV manifest (schema detected when None); first problem raised."""
-    good, problems = parse_table(path, schema, fields)
-    if problems:
-        raise problems[0]
-    return [r for _, r in good]
-
-
 def record_to_row(record: EditRecord, schema_name: str, out_dir: Path) -> dict[str, Any]:
     """An EditRecord as a manifest entry; paths relative to out_dir when the file lies under it."""
     schema = SCHEMAS[schema_name]

@@ -15,8 +15,8 @@
   its alpha (opaque = edit region); otherwise a pixel is in the edit region when its brightest
   channel is >= 128 (so white, red or any bright colour on black all mark the edit region).
 - Sizes follow the Qwen-Image-Edit pipelines (`calculate_dimensions` in diffusers'
-  `pipeline_qwenimage_edit_plus.py`): keep the aspect ratio, aim at a pixel area, round each
-  side to a multiple of 32 (16 is allowed for small models).
+  `pipeline_qwenimage_edit*.py`): keep the aspect ratio, aim at a pixel area, round each side to
+  a multiple of 32 (16 is allowed for small models), each side at least one multiple (`fit_area`).
 - Aspect-ratio buckets: a fixed list of sizes of about one area; each image goes to the bucket
   whose aspect ratio is nearest (in log space) and is resized to cover it, then centre-cropped.
 """
@@ -181,8 +181,14 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> I
     return mask
 
 
-def image_size(path: str | os.PathLike, what: str = "image") -> tuple[int, int]:
-    """(width, height) as shown (EXIF orientation applied), read from the file header only."""
+def oriented_size(path: str | os.PathLike, what: str = "image") -> tuple[int, int]:
+    """(width, height) as shown: the stored size, sides swapped when the EXIF orientation turns the
+    image by 90 degrees (5-8). The one rule for sizing a file without decoding it (bucketing, the
+    training cache's shape keys); it agrees with the decoded, EXIF-transposed image.
+
+    JPEG, WebP and TIFF are read from the header only; a PNG whose EXIF is not before its pixels is
+    decoded by Pillow to look for a later eXIf chunk.
+    """
     p = _check_local_file(path, what)
     try:
         with Image.open(p) as img:
@@ -201,20 +207,31 @@ def mask_size_problem(mask_size: tuple[int, int], image_size: tuple[int, int], w
             "resize the mask to its image")
 
 
-def target_size(width: int, height: int, area: int, multiple: int = 32) -> tuple[int, int]:
-    """(w, h) of about `area` pixels with the aspect ratio of width x height, sides multiples of `multiple`.
+SIZE_MULTIPLES = (8, 16, 32, 64)  # side multiples the VAE (8) and 2x2 latent packing (16) accept
 
-    Same arithmetic as diffusers' Qwen `calculate_dimensions` (Python's round), with each side at
-    least one `multiple`.
+
+def fit_area(area: int, ratio: float, multiple: int = 32) -> tuple[int, int]:
+    """(width, height) of about `area` pixels at aspect `ratio` (width / height), sides multiples of `multiple`.
+
+    The arithmetic of diffusers' Qwen-Image-Edit `calculate_dimensions` (Python's round), with one
+    clamp: each side is at least `multiple`. diffusers rounds a side shorter than `multiple / 2`
+    to 0, which no image or latent can have; the clamp gives one tile instead, so at such extreme
+    ratios the area exceeds `area`. There is no upper clamp: the long side follows area and ratio.
     """
+    if multiple not in SIZE_MULTIPLES:
+        raise ValueError(f"multiple must be one of {SIZE_MULTIPLES}, not {multiple}")
+    if not area > 0 or not (math.isfinite(ratio) and ratio > 0):
+        raise ValueError(f"area and ratio must be positive, got area {area}, ratio {ratio}")
+    width = math.sqrt(area * ratio)
+    height = width / ratio
+    return max(multiple, round(width / multiple) * multiple), max(multiple, round(height / multiple) * multiple)
+
+
+def target_size(width: int, height: int, area: int, multiple: int = 32) -> tuple[int, int]:
+    """`fit_area` at the aspect ratio of a width x height image."""
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    if multiple not in (8, 16, 32, 64):
-        raise ValueError(f"multiple must be 8, 16, 32 or 64, not {multiple}")
-    ratio = width / height
-    w = math.sqrt(area * ratio)
-    h = w / ratio
-    return max(multiple, round(w / multiple) * multiple), max(multiple, round(h / multiple) * multiple)
+    return fit_area(area, width / height, multiple)
 
 
 def resize_to_area(img: Image.Image, area: int, multiple: int = 32,

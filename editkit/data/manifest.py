@@ -90,11 +90,16 @@ def read_manifest(path: str | os.PathLike, format: str | None = None,
                   fields: dict[str, str] | None = None) -> list[EditRecord]:
     """Records of a manifest (file or dataset folder); the first bad entry raises a UserError naming it."""
     good, problems = parse_manifest(path, format, fields)
+    raise_first_problem(problems)
+    return [record for _, record in good]
+
+
+def raise_first_problem(problems: list[RowError]) -> None:
+    """A UserError naming the first bad entry and how many more there are (none: nothing)."""
     if problems:
         more = len(problems) - 1
         extra = f" (and {more} more problem{'s' * (more > 1)}; run `editkit data validate`)" if more else ""
         raise UserError(f"{problems[0]}{extra}")
-    return [record for _, record in good]
 
 
 def write_manifest(records: list[EditRecord], path: str | os.PathLike, format: str = "pairs") -> Path:

@@ -23,7 +23,9 @@ import json
 import math
 import os
 import zlib
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -278,19 +280,46 @@ class BucketBatchSampler(MixingSampler):
                          bucket_of=bucket_of, source_weights=source_weights)
 
 
+@dataclass(frozen=True)
+class MixturePreview:
+    """How often a sampler's batches came from each dataset and source-image count (`preview_mixture`)."""
+
+    steps: int
+    records: int  # records in the mixture
+    dataset_shares: dict[str, float]  # share of batches per dataset (every dataset of the mixture)
+    dataset_weights: dict[str, float]  # the normalised weights, to compare with
+    count_shares: dict[int, float]  # share of batches per source-image count (every count drawn from)
+
+
+def preview_mixture(sampler: MixingSampler, steps: int) -> MixturePreview:
+    """Draw `steps` batches from `sampler` (advancing it) and count where they came from
+    (`editkit data mix`, to check a mixture before training)."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    datasets: Counter = Counter()
+    counts: Counter = Counter()
+    for _ in range(steps):
+        first = sampler.next_batch()[0]  # a batch is one dataset and one source count
+        datasets[sampler.dataset_of(first)] += 1
+        counts[len(sampler.records[first].sources)] += 1
+    return MixturePreview(steps, len(sampler.records), {name: datasets[name] / steps for name in sampler.names},
+                          dict(sampler.dataset_weights), {k: counts[k] / steps for k in sampler.counts})
+
+
 def bucket_by_image_size(buckets: list[tuple[int, int]]) -> Callable[[EditRecord], tuple[int, int]]:
     """A `bucket_of` for the samplers: the bucket of the record's target (or first source) size.
 
-    Reads image headers only; records without images go to bucket None.
+    Sizes come from `oriented_size` (no pixel decoding for most files); records without images
+    go to bucket None.
     """
-    from editkit.data.images import bucket_for, image_size
+    from editkit.data.images import bucket_for, oriented_size
 
     def bucket_of(record: EditRecord):
         path = record.target or (record.sources[0] if record.sources else None)
         if path is None:
             return None
         try:
-            size = image_size(path)
+            size = oriented_size(path)
         except UserError as err:
             raise UserError(f"{where(record)}: {err} (run `editkit data validate`)") from None
         return bucket_for(*size, buckets)

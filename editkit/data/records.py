@@ -13,7 +13,7 @@ not content: records compare equal without it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,3 @@ class EditRecord:
     task: str | None = None  # edit type / dataset name
     metadata: dict[str, Any] = field(default_factory=dict)
     origin: str = field(default="", compare=False)  # where it was read: "manifest.jsonl:12", "m.json[3]"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (paths as strings)."""
-        out = asdict(self)
-        out["sources"] = [str(p) for p in self.sources]
-        for key in ("target", "mask", "ref_gt"):
-            out[key] = None if out[key] is None else str(out[key])
-        return out

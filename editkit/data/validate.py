@@ -77,7 +77,7 @@ class FileCheck:
     """What validate learns from decoding one file in one role (image or mask)."""
     kind: str | None  # problem kind, None when the file decodes
     detail: str = ""
-    size: tuple[int, int] | None = None  # after EXIF orientation
+    size: tuple[int, int] | None = None  # of the decoded, EXIF-transposed image (= oriented_size)
     depth_note: str | None = None  # how a high-bit-depth file is reduced to 8 bits
     empty_mask: bool = False
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from editkit.errors import UserError
+from editkit.infer import defaults
 from editkit.infer import fusion as fusion_ops
 
 SAMPLERS = ("flow", "bridge")
@@ -45,9 +46,9 @@ class EditRequest:
 
     prompt: str
     images: list[Image.Image]
-    negative_prompt: str | None = " "
-    true_cfg_scale: float = 4.0
-    steps: int = 40
+    negative_prompt: str | None = defaults.NEGATIVE_PROMPT
+    true_cfg_scale: float = defaults.TRUE_CFG_SCALE
+    steps: int = defaults.STEPS
     seed: int = 0
     width: int | None = None
     height: int | None = None
@@ -55,7 +56,7 @@ class EditRequest:
     fusion: str = "off"
     sampler: str = "flow"
     feather: int = 8
-    bridge_noise: float = 0.005
+    bridge_noise: float = defaults.BRIDGE_NOISE
 
     label: str | None = None
     """What messages call this request (a dataset record's origin or id); not a sampling setting."""
@@ -258,7 +259,7 @@ class Engine:
                                     seeds, latents=noise, callback=step)
         else:
             runner = self._masked(reqs, width, height, torch.zeros_like(source))
-            packed = sampler.bridge_sample(runner, inputs, source, first.steps, first.bridge_noise, seeds,
+            packed = sampler.sample_bridge(runner, inputs, source, first.steps, first.bridge_noise, seeds,
                                            callback=step)
         _check_finite(packed, reqs, "sampled latents")
         pixels = model.decode_packed(packed, width, height).float()
@@ -267,13 +268,15 @@ class Engine:
         return [self._fuse_pixels(r, img) for r, img in zip(reqs, images)]
 
     def _source_latents(self, reqs: list[EditRequest], width: int, height: int) -> torch.Tensor:
-        """Packed latents of each request's first source image (white if none) at the output size."""
-        white = Image.new("RGB", (width, height), (255, 255, 255))
-        sources = [r.images[0] if r.images else white for r in reqs]
-        return self.model.pack(self.model.encode_images(sources, width, height)).to(self.model.dtype)
+        """Packed latents of each request's first source image (white if none) at the output size,
+        built as training builds the LBM bridge start (`sampler.bridge_start`)."""
+        from editkit.infer.sampler import bridge_start
+
+        starts = bridge_start(self.model, [r.images[0] if r.images else None for r in reqs], width, height)
+        return self.model.pack(starts).to(self.model.dtype)
 
     def _masked(self, reqs: list[EditRequest], width: int, height: int, background_velocity: torch.Tensor):
-        """The model, or (for latent-mask requests) a view whose velocity outside the mask is
+        """The model, or (for latent-mask requests) the model whose velocity outside the mask is
         `background_velocity` — the velocity that keeps those latents on the source's path."""
         if not any(r.fusion in fusion_ops.LATENT_MODES for r in reqs):
             return self.model
@@ -283,7 +286,16 @@ class Engine:
                    else torch.ones(latent_hw) for r in reqs]
         weight = torch.stack(weights)[:, None].expand(-1, channels, -1, -1)
         packed_weight = self.model.pack(weight.contiguous()).to(background_velocity)
-        return _LatentMasked(self.model, packed_weight, background_velocity)
+
+        def keep_background(velocity: torch.Tensor) -> torch.Tensor:
+            # with flow matching, the velocity `noise - source` moves the latents exactly along
+            # `(1 - s) source + s noise`, so after the last step they are the source's there; the CFG
+            # batch (conditional and negative stacked) is handled by tiling
+            repeat = math.ceil(velocity.shape[0] / packed_weight.shape[0])
+            return fusion_ops.blend_latents(velocity, background_velocity.repeat(repeat, 1, 1),
+                                            packed_weight.repeat(repeat, 1, 1))
+
+        return self.model.with_velocity_hook(keep_background)
 
     @staticmethod
     def _fuse_pixels(req: EditRequest, image: Image.Image) -> Image.Image:
@@ -302,25 +314,3 @@ def _check_finite(values: torch.Tensor, reqs: list[EditRequest], what: str) -> N
         raise UserError(f"{name}{more}: the {what} are not finite (NaN or inf), so no image was saved; likely "
                         "cause: a LoRA with broken weights or a huge scale, an extreme CFG scale, or fp16 overflow "
                         "(try --dtype bf16 or fp32)")
-
-
-class _LatentMasked:
-    """An EditModel whose predicted velocity is blended with a fixed one outside the mask.
-
-    With flow matching the background velocity `noise - source` moves the latents exactly along
-    `(1 - s) * source + s * noise`, so after the last step they are the source latents there.
-    The CFG batch (conditional and negative stacked) is handled by tiling.
-    """
-
-    def __init__(self, model, weight: torch.Tensor, velocity: torch.Tensor):
-        self._model, self._weight, self._velocity = model, weight, velocity
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def predict(self, latents, *args, **kwargs):
-        pred = self._model.predict(latents, *args, **kwargs)
-        repeat = math.ceil(pred.shape[0] / self._weight.shape[0])
-        weight = self._weight.repeat(repeat, 1, 1)
-        velocity = self._velocity.repeat(repeat, 1, 1)
-        return fusion_ops.blend_latents(pred, velocity, weight)

@@ -55,20 +55,24 @@ def initial_noise(
     return model.pack(torch.cat(noise)[:, 0])  # the pipeline's (B, 1, C, h, w) layout
 
 
+def dynamic_shift_mu(scheduler_config, image_seq_len: int) -> float:
+    """mu of the resolution-dependent shift for `image_seq_len` target tokens: linear between the
+    family scheduler's (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), as the
+    pipelines' `calculate_shift`. The one place both sampling and training (`train/timesteps.py`)
+    take it from; the values come from the scheduler config only (diffusers fills its defaults)."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    c = scheduler_config
+    return calculate_shift(image_seq_len, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"],
+                           c["max_shift"])
+
+
 def make_scheduler(model: EditModel, steps: int, image_seq_len: int):
     """A fresh copy of the family's scheduler set to `steps` steps for `image_seq_len` target tokens."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config)
-    config = scheduler.config
-    mu = calculate_shift(
-        image_seq_len,
-        config.get("base_image_seq_len", 256),
-        config.get("max_image_seq_len", 4096),
-        config.get("base_shift", 0.5),
-        config.get("max_shift", 1.15),
-    )
+    mu = dynamic_shift_mu(scheduler.config, image_seq_len)
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=model.device, mu=mu)
     scheduler.set_begin_index(0)
     return scheduler
@@ -149,7 +153,23 @@ def sample(
     return latents
 
 
-def bridge_sample(
+def bridge_start(model: EditModel, sources, width: int, height: int) -> torch.Tensor:
+    """Normalised latents `(B, C, h, w)` the LBM bridge starts from: each sample's first source image
+    (None: a white image) covering (width, height) at its own aspect, centre-cropped.
+
+    Training (`editkit.train.samples`), its previews and the engine all build the start so: a
+    source of another aspect than the output is cropped, never stretched.
+    """
+    from PIL import Image
+
+    from editkit.data.images import resize_to_bucket
+
+    white = Image.new("RGB", (width, height), (255, 255, 255))
+    images = [white if image is None else resize_to_bucket(image.convert("RGB"), (width, height)) for image in sources]
+    return model.encode_images(images, width, height)
+
+
+def sample_bridge(
     model: EditModel,
     inputs: EditInputs,
     source_latents: torch.Tensor,

@@ -194,48 +194,35 @@ def fuse_block_ops(model) -> None:
     transformer._editkit_fused = True
 
 
-def _split_by_length(predict):
-    """Wrap `EditModel.predict` so that right-padded prompts of different lengths run unmasked.
+def predict_by_prompt_length(predict, latents, timestep, prompt_embeds, prompt_mask, img_shapes,
+                             cond_latents=None, attention_kwargs=None):
+    """`predict(...)` with right-padded prompts of different lengths run unmasked, one group per length.
 
     Each group of samples sharing a prompt length gets one pass on prompts trimmed to that length.
     Padded text tokens are masked out as keys and their outputs are dropped, and RoPE positions of
     the kept tokens do not depend on the padding, so the result is the same function.
     """
-
-    @functools.wraps(predict)
-    def grouped(latents, timestep, prompt_embeds, prompt_mask, img_shapes, cond_latents=None,
-                attention_kwargs=None):
-        if prompt_mask is None:
-            return predict(latents, timestep, prompt_embeds, prompt_mask, img_shapes, cond_latents, attention_kwargs)
-        mask = prompt_mask.long()
-        lengths, prefix = torch.stack([mask.sum(1), mask.cumprod(1).sum(1)]).tolist()  # one host sync
-        if lengths != prefix or min(lengths) == 0:  # not right-padded: keep the mask
-            return predict(latents, timestep, prompt_embeds, prompt_mask, img_shapes, cond_latents, attention_kwargs)
-        per_sample = torch.is_tensor(timestep) and timestep.ndim == 1
-        out = None
-        for length in sorted(set(lengths)):
-            idx = [i for i, n in enumerate(lengths) if n == length]
-            if len(idx) == len(lengths):
-                return predict(latents, timestep, prompt_embeds[:, :length], None, img_shapes, cond_latents,
-                               attention_kwargs)
-            sel = torch.tensor(idx, device=latents.device)
-            part = predict(latents[sel], timestep[sel] if per_sample else timestep, prompt_embeds[sel, :length],
-                           None, [img_shapes[i] for i in idx], None if cond_latents is None else cond_latents[sel],
+    if prompt_mask is None:
+        return predict(latents, timestep, prompt_embeds, prompt_mask, img_shapes, cond_latents, attention_kwargs)
+    mask = prompt_mask.long()
+    lengths, prefix = torch.stack([mask.sum(1), mask.cumprod(1).sum(1)]).tolist()  # one host sync
+    if lengths != prefix or min(lengths) == 0:  # not right-padded: keep the mask
+        return predict(latents, timestep, prompt_embeds, prompt_mask, img_shapes, cond_latents, attention_kwargs)
+    per_sample = torch.is_tensor(timestep) and timestep.ndim == 1
+    out = None
+    for length in sorted(set(lengths)):
+        idx = [i for i, n in enumerate(lengths) if n == length]
+        if len(idx) == len(lengths):
+            return predict(latents, timestep, prompt_embeds[:, :length], None, img_shapes, cond_latents,
                            attention_kwargs)
-            if out is None:
-                out = part.new_empty((latents.shape[0], *part.shape[1:]))
-            out[sel] = part
-        return out
-
-    grouped.__editkit_split__ = True
-    return grouped
-
-
-def split_prompt_lengths(model) -> None:
-    """Make `model.predict` (an EditModel's) run prompts of different lengths as unmasked groups."""
-    predict = getattr(model, "predict", None)
-    if predict is not None and not getattr(predict, "__editkit_split__", False):
-        model.predict = _split_by_length(predict)
+        sel = torch.tensor(idx, device=latents.device)
+        part = predict(latents[sel], timestep[sel] if per_sample else timestep, prompt_embeds[sel, :length],
+                       None, [img_shapes[i] for i in idx], None if cond_latents is None else cond_latents[sel],
+                       attention_kwargs)
+        if out is None:
+            out = part.new_empty((latents.shape[0], *part.shape[1:]))
+        out[sel] = part
+    return out
 
 
 def _block_linears(transformer):
@@ -278,7 +265,7 @@ def enable_group_offload(model, device: torch.device | str = "cuda") -> None:
     memory and stream to `device` one layer ahead of use (diffusers group offload, leaf level, on a
     side stream). The transformer's small non-block layers stay on `device`, so `EditModel.device`
     still names the GPU. One batched (masked) CFG pass streams the weights once per step, so
-    `accelerate` leaves the prompt-length split off in this mode."""
+    `apply_accel` leaves the prompt-length split off in this mode."""
     from diffusers.hooks import apply_group_offloading
 
     device = torch.device(device)
@@ -326,15 +313,16 @@ def enable_checkpointing(model, selective: bool = True) -> None:
     transformer.enable_gradient_checkpointing(_selective_checkpoint if selective else None)
 
 
-def accelerate(model, accel: Accel = Accel()):
-    """Apply `accel` to an EditModel (or its transformer) in the order that works: fp8, fused ops,
-    prompt-length split, attention, cache, offload, compile."""
+def apply_accel(model, accel: Accel = Accel()):
+    """Apply the speed switches `accel` to an EditModel (or a bare transformer) in the order that
+    works: fp8, fused ops, prompt-length split, attention, cache, offload, compile."""
     if accel.fp8:
         apply_fp8(model, accel.fp8)
     if accel.fused:
         fuse_block_ops(model)
-    if accel.split_lengths and not accel.offload:  # offloaded weights: one masked pass streams them once
-        split_prompt_lengths(model)
+    # offloaded weights: one masked pass streams them once; a bare transformer has no predict to split
+    if accel.split_lengths and not accel.offload and model is not transformer_of(model):
+        model.split_prompt_lengths()
     set_attention(model, accel.attention)
     if accel.cache_threshold:
         enable_first_block_cache(model, accel.cache_threshold)

@@ -29,6 +29,19 @@ COMPONENT_FILES = {
 TINY_PREFIX = "tiny"
 
 
+def is_tiny_spec(spec) -> bool:
+    """Is a model spec a tiny preset ("tiny" or "tiny:<family>") rather than a folder?"""
+    text = str(spec)
+    return text == TINY_PREFIX or text.startswith(TINY_PREFIX + ":")
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """The dtype name to load with: "auto" is bf16 on a CUDA device and fp32 elsewhere."""
+    if name == "auto":
+        return "bf16" if str(device).startswith("cuda") else "fp32"
+    return name
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -139,7 +152,7 @@ def load_model(
 
     torch_type = torch_dtype(dtype)
     spec_text = str(spec)
-    if spec_text == TINY_PREFIX or spec_text.startswith(TINY_PREFIX + ":"):
+    if is_tiny_spec(spec_text):
         parts, extra = _tiny_parts(spec_text, family, seed)
     else:
         parts, extra = _folder_parts(Path(spec), family, transformer, torch_type)
@@ -165,7 +178,7 @@ def load_model(
         from editkit.models import accel
 
         accel.fuse_block_ops(model)  # lossless; see editkit/models/accel.py and docs/benchmarks.md
-        accel.split_prompt_lengths(model)
+        model.split_prompt_lengths()
         accel.compile_blocks(model)
     return model
 
@@ -282,7 +295,7 @@ def _count_parameters(folder: Path) -> int:
 def describe(spec: str | Path, family: str | None = None, transformer: str | Path | None = None) -> dict:
     """What a model spec holds, from configs and weight headers only (cheap for 20 B models)."""
     spec_text = str(spec)
-    if spec_text == TINY_PREFIX or spec_text.startswith(TINY_PREFIX + ":"):
+    if is_tiny_spec(spec_text):
         model = load_model(spec_text, family=family, dtype="fp32", device="cpu")
         return {
             "family": model.family.name,

@@ -169,7 +169,7 @@ class EditTask:
         self.val = _OnlineSource(cfg.data.val, self.model, buckets, keep=True, fields=fields) if cfg.data.val else None
         self.info = setup_trainable(self.model.transformer, cfg.train)
         if cfg.data.cache and not self._needs_encoders():
-            self.model.text_encoder = self.model.vae = None  # the cache replaces them; free the memory
+            self.model = self.model.without_encoders()  # the cache replaces them; free the memory
         dtype = torch.float32 if cfg.train.trainable_dtype == "fp32" else torch.bfloat16
         for p in self.model.transformer.parameters():
             if p.requires_grad:
@@ -177,7 +177,7 @@ class EditTask:
         if cfg.train.compile:
             from editkit.models import accel
 
-            accel.accelerate(self.model, accel.Accel(split_lengths=False))
+            accel.apply_accel(self.model, accel.Accel(split_lengths=False))
         self.module = self.model.transformer
 
     def _needs_encoders(self) -> bool:
@@ -188,7 +188,7 @@ class EditTask:
     def set_module(self, module) -> None:
         """The transformer the loss runs through (the accelerate-wrapped one while training)."""
         self.module = module
-        self.model.transformer = module
+        self.model = self.model.with_transformer(module)
 
     # ----- data ------------------------------------------------------------------------------
 
@@ -258,7 +258,7 @@ class EditTask:
         from PIL import Image
 
         from editkit.data.images import load_image, resize_to_bucket
-        from editkit.infer.sampler import bridge_sample, sample
+        from editkit.infer.sampler import bridge_start, sample, sample_bridge
 
         if self.val is None:
             return None
@@ -269,8 +269,8 @@ class EditTask:
             target = resize_to_bucket(load_image(record.target), (w, h))
             inputs = model.prepare([record.instruction], [images], w, h, [" "] if cfg_scale > 1 else None)
             if self.cfg.objective.kind == "lbm":
-                start = model.pack(model.encode_images([resize_to_bucket(images[0], (w, h))], w, h))
-                packed = bridge_sample(model, inputs, start, steps, self.cfg.objective.lbm.bridge_noise, seeds=0)
+                start = model.pack(bridge_start(model, images[:1], w, h))
+                packed = sample_bridge(model, inputs, start, steps, self.cfg.objective.lbm.bridge_noise, seeds=0)
             else:
                 packed = sample(model, inputs, steps, cfg_scale, seeds=0)
             pred = model.to_pil(model.decode_packed(packed, w, h))[0]

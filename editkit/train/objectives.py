@@ -76,7 +76,7 @@ def flow_matching_loss(predict: Predict, target: torch.Tensor, cfg: ObjectiveCon
     return LossOutput(loss, {"fm": loss.item()})
 
 
-def bridge_sample(source: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor,
+def bridge_point(source: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor,
                   bridge_noise: float) -> torch.Tensor:
     """A point on the Brownian bridge from target (σ=0) to source (σ=1).
 
@@ -88,7 +88,7 @@ def bridge_sample(source: torch.Tensor, target: torch.Tensor, sigmas: torch.Tens
 
 def _bridge_term(predict: Predict, source, target, sigmas, generator, bridge_noise, weight_map):
     noise = torch.randn(target.shape, generator=generator, dtype=torch.float32).to(target.device, target.dtype)
-    x_t = bridge_sample(source, target, sigmas, noise, bridge_noise)
+    x_t = bridge_point(source, target, sigmas, noise, bridge_noise)
     pred = predict(x_t, sigmas)
     return weighted_mse(pred, source - target, weight_map), x_t, pred
 

@@ -22,32 +22,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from editkit.data.images import bucket_for, load_image, load_mask, resize_to_bucket
+from editkit.data.images import bucket_for, load_image, load_mask, oriented_size, resize_to_bucket
+from editkit.infer.sampler import bridge_start
 from editkit.data.records import EditRecord
 from editkit.errors import UserError
 
 Size = tuple[int, int]
 
 
-def image_size(path) -> Size:
-    """(width, height) from the file header, EXIF orientation applied, without decoding pixels."""
-    try:
-        with Image.open(path) as img:
-            orientation = img.getexif().get(0x0112, 1)
-            w, h = img.size
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot read the image ({err.__class__.__name__}); replace or re-export it") from None
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-
-
 def sample_key(model, record: EditRecord, buckets: list[Size]) -> tuple[Size, tuple[Size, ...]]:
     """The shape key of a record: its target bucket and the VAE sizes of its sources."""
     if record.target is None:
         raise UserError(f"record {record.id}: has no target image; training needs source/target pairs")
-    w, h = image_size(record.target)
+    w, h = oriented_size(record.target)
     sources = []
     for p in record.sources:
-        sw, sh = image_size(p)
+        sw, sh = oriented_size(p)
         sources.append(tuple(model.vae_size(_Sized(sw, sh))))
     return bucket_for(w, h, buckets), tuple(sources)
 
@@ -102,7 +92,7 @@ def encode_records(model, records: list[EditRecord], bucket: Size) -> list[dict[
         sw, sh = model.vae_size(sources[0][j])
         put(f"source.{j}", model.encode_images([s[j] for s in sources], sw, sh))
     if sources[0]:
-        put("bridge_source", model.encode_images([resize_to_bucket(s[0], bucket) for s in sources], w, h))
+        put("bridge_source", bridge_start(model, [s[0] for s in sources], w, h))
     # every text of every record in one VLM pass: en, empty, cn with the sources; inverse(_cn) with the target
     prompts: list[tuple[int, str, str, list]] = []
     for i, r in enumerate(records):

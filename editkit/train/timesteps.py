@@ -12,18 +12,6 @@ import torch
 
 from editkit.train.config import TimestepConfig
 
-# The real Qwen-Image scheduler's dynamic-shift settings (see DESIGN.md); a family may differ.
-QWEN_SHIFT = {"base_image_seq_len": 256, "max_image_seq_len": 8192, "base_shift": 0.5, "max_shift": 0.9}
-
-
-def dynamic_shift_mu(image_seq_len: int, shift: dict | None = None) -> float:
-    """mu of the resolution-dependent shift: linear in the number of image tokens (diffusers' calculate_shift)."""
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
-
-    s = {**QWEN_SHIFT, **(shift or {})}
-    return calculate_shift(image_seq_len, s["base_image_seq_len"], s["max_image_seq_len"],
-                           s["base_shift"], s["max_shift"])
-
 
 def exponential_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
     """σ' = e^mu / (e^mu + 1/σ - 1): the scheduler's `time_shift_type="exponential"`."""
@@ -43,7 +31,11 @@ def sample_sigmas(cfg: TimestepConfig, n: int, generator: torch.Generator | None
         return u
     if image_seq_len is None:
         raise ValueError("shifted timestep sampling needs the image sequence length")
-    return exponential_shift(u, dynamic_shift_mu(image_seq_len, shift))
+    if shift is None:
+        raise ValueError("shifted timestep sampling needs the model's scheduler config (shift=)")
+    from editkit.infer.sampler import dynamic_shift_mu
+
+    return exponential_shift(u, dynamic_shift_mu(shift, image_seq_len))
 
 
 def _bell(sigmas: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ Unlike the diffusers pipelines, every method takes a batch (B > 1).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,36 @@ class EditModel:
         """Execution device: where inputs, noise and prompts are made (kept when weights are offloaded)."""
         self.dtype: torch.dtype = first.dtype
         """Compute dtype of embeddings and latents (kept when weights are stored in another dtype)."""
+        self._velocity_hooks: tuple = ()
+        self._split_lengths = False
+
+    # ----- derived views (clients never assign to a facade's attributes) ---------------------
+
+    def with_transformer(self, transformer) -> EditModel:
+        """The same model running another transformer module (e.g. the DDP/FSDP-wrapped one a
+        training loop steps), sharing every other part."""
+        view = copy.copy(self)
+        view.transformer = transformer
+        return view
+
+    def without_encoders(self) -> EditModel:
+        """The same model without the VLM and VAE, for training from caches: their memory is freed
+        once the caller drops the full model. Encoding or decoding then raises a clear error."""
+        view = copy.copy(self)
+        view.text_encoder = view.vae = None
+        return view
+
+    def with_velocity_hook(self, hook) -> EditModel:
+        """The same model whose `predict` output passes through `hook(velocity) -> velocity` (the
+        engine's latent-mask fusion blends in the background's velocity so)."""
+        view = copy.copy(self)
+        view._velocity_hooks = (*self._velocity_hooks, hook)
+        return view
+
+    def split_prompt_lengths(self, enabled: bool = True) -> None:
+        """Run a batch of right-padded prompts of different lengths as one unmasked pass per
+        length (the same function; faster attention without a mask, see editkit.models.accel)."""
+        self._split_lengths = enabled
 
     # ----- placement -------------------------------------------------------------------------
 
@@ -279,6 +310,19 @@ class EditModel:
         one value per sample. Condition tokens are appended after the target tokens and their
         outputs dropped. All samples must share `img_shapes` (diffusers' RoPE uses the first).
         """
+        args = (latents, timestep, prompt_embeds, prompt_mask, img_shapes, cond_latents, attention_kwargs)
+        if self._split_lengths:
+            from editkit.models.accel import predict_by_prompt_length
+
+            velocity = predict_by_prompt_length(self._predict_once, *args)
+        else:
+            velocity = self._predict_once(*args)
+        for hook in self._velocity_hooks:
+            velocity = hook(velocity)
+        return velocity
+
+    def _predict_once(self, latents, timestep, prompt_embeds, prompt_mask, img_shapes, cond_latents,
+                      attention_kwargs):
         if any(shapes != img_shapes[0] for shapes in img_shapes):
             raise ValueError("all samples of a batch must share img_shapes; group requests by shape")
         batch, num_target = latents.shape[:2]
