@@ -115,7 +115,7 @@ def build_components(preset: Preset, device, seed: int = 0) -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from editkit.models.families import QWEN_IMAGE_SCHEDULER
+    from editkit.models.qwen_image_edit import QWEN_IMAGE_SCHEDULER
     from editkit.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()

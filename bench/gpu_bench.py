@@ -145,7 +145,7 @@ def section_env(run: Run) -> None:
     import transformers
 
     import editkit.models.accel  # noqa: F401
-    import editkit.models.edit_model  # noqa: F401
+    import editkit.models.qwen_image_edit  # noqa: F401
 
     meta = run.results["meta"]
     meta.update(torch=torch.__version__, diffusers=diffusers.__version__, transformers=transformers.__version__,
@@ -566,7 +566,7 @@ def source_image(run: Run):
 def section_e2e(run: Run) -> None:
     from diffusers import QwenImageEditPlusPipeline
 
-    from editkit.models.edit_model import EditModel, _make_processor
+    from editkit.models.qwen_image_edit import QwenImageEditModel as EditModel, _make_processor
     from editkit.models.families import get_family
 
     comps = build_components(run.preset, run.device)
@@ -644,7 +644,7 @@ def section_e2e(run: Run) -> None:
 def section_lowmem(run: Run) -> None:
     """editkit's low-memory mode (group offload, lossless) under a 24 GiB cap on the same GPU."""
     from editkit.infer.engine import EditRequest, Engine
-    from editkit.models.edit_model import EditModel
+    from editkit.models.qwen_image_edit import QwenImageEditModel as EditModel
     from editkit.models.families import get_family
 
     comps = build_components(run.preset, run.device)

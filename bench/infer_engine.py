@@ -22,7 +22,7 @@ from PIL import Image
 
 def build_model(preset_name: str):
     from bench.fullsize import PRESETS, build_components
-    from editkit.models.edit_model import EditModel
+    from editkit.models.qwen_image_edit import QwenImageEditModel as EditModel
     from editkit.models.families import get_family
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -56,7 +56,7 @@ def test_unknown_modes_are_user_errors(tiny):
 
 def test_split_prompt_lengths_matches_the_masked_batch():
     from editkit.models.tiny import build_tiny
-    from editkit.models.edit_model import EditModel
+    from editkit.models.qwen_image_edit import QwenImageEditModel as EditModel
     from editkit.models.families import get_family
 
     c = build_tiny("qwen-image-edit-2511", seed=0)

@@ -113,7 +113,7 @@ def test_compile_applies_the_lossless_fast_path(cache_dir, tmp_path, monkeypatch
     from editkit.train.edit_task import EditTask
 
     seen = []
-    monkeypatch.setattr(accel, "accelerate", lambda model, a: seen.append((model, a)))
+    monkeypatch.setattr(accel, "apply_accel", lambda model, a: seen.append((model, a)))
     task = EditTask(_cfg(tmp_path / "t", cache_dir, compile=True), "cpu")
     assert len(seen) == 1 and seen[0][0] is task.model
     assert seen[0][1].compile and not seen[0][1].split_lengths and seen[0][1].fp8 is None

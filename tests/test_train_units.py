@@ -12,7 +12,7 @@ from editkit.train import checkpoint as ckpt
 from editkit.train.config import ObjectiveConfig, OptimConfig, TimestepConfig, load_config
 from editkit.train.objectives import bridge_point, flow_matching_loss, lbm_loss, mask_weight_map
 from editkit.train.optim import build_optimizer, build_schedule, clips_gradients, eval_mode, train_mode
-from editkit.models.families import QWEN_IMAGE_SCHEDULER
+from editkit.models.qwen_image_edit import QWEN_IMAGE_SCHEDULER
 from editkit.infer.sampler import dynamic_shift_mu
 from editkit.train.timesteps import exponential_shift, loss_weights, sample_sigmas
 

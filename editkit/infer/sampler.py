@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from editkit.models.edit_model import EditInputs, EditModel
+from editkit.models.family import EditInputs, EditModel
 
 StepCallback = Callable[[int, int], None]
 """Called as `callback(step_done, total_steps)` after each step."""

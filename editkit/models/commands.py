@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from editkit.models.families import DEFAULT_FAMILY, FAMILIES
+from editkit.models.families import DEFAULT_FAMILY, FAMILY_NAMES
 
 model_app = typer.Typer(help="Model folders: write tiny presets, inspect a model.", no_args_is_help=True)
 
@@ -14,7 +14,7 @@ model_app = typer.Typer(help="Model folders: write tiny presets, inspect a model
 @model_app.command("save-tiny")
 def save_tiny_command(
     out_dir: Path = typer.Argument(..., help="Folder to write (an earlier model folder there is replaced atomically)."),
-    family: str = typer.Option(DEFAULT_FAMILY, "--family", help=f"One of: {', '.join(FAMILIES)}."),
+    family: str = typer.Option(DEFAULT_FAMILY, "--family", help=f"One of: {', '.join(FAMILY_NAMES)}."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
 ) -> None:
     """Write the tiny preset of a family as a diffusers-format model folder."""

@@ -1,37 +1,253 @@
-"""EditModel: the one facade over a Qwen-Image-Edit model, used by training and inference alike.
+"""The Qwen-Image-Edit family (first release, 2509, 2511): its facts and its `EditModel` facade.
 
-It owns everything that must agree between the trainer and the engine: the VLM prompt
-(family template, image tokens, dropped system-prompt tokens), the VLM and VAE views of the
-source images, latent normalisation with the VAE's mean/std, 2x2 packing, RoPE `img_shapes`
-and the transformer call (2511's `zero_cond_t` is handled inside diffusers' transformer from
-`img_shapes`: the first entry is the target, the rest are condition images).
+The reference implementation of `editkit.models.family`. `QwenImageEditFamily` states what
+differs between the releases (the VLM prompt template, the image sizes the VLM and the VAE see,
+the scheduler, the transformer flags) and builds, loads and writes models;
+`QwenImageEditModel` owns everything that must agree between the trainer and the engine: the
+VLM prompt (family template, image tokens, dropped system-prompt tokens), the VLM and VAE views
+of the source images, latent normalisation with the VAE's mean/std, 2x2 packing, RoPE
+`img_shapes` and the transformer call (2511's `zero_cond_t` is handled inside diffusers'
+transformer from `img_shapes`: the first entry is the target, the rest are condition images).
 
 Shapes: "latents" are normalised VAE latents `(B, C, h, w)` (h, w = pixels / 8); "packed"
-latents are `(B, h/2 * w/2, 4C)`, the transformer's tokens. Sizes are `(width, height)` in pixels.
-Unlike the diffusers pipelines, every method takes a batch (B > 1).
+latents are `(B, h/2 * w/2, 4C)`, the transformer's tokens. Sizes are `(width, height)` in pixels;
+pixel areas as in the diffusers pipelines (`CONDITION_IMAGE_SIZE = 384 * 384`). Unlike the
+diffusers pipelines, every method takes a batch (B > 1).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from PIL import Image
+from editkit.data.images import fit_area
+from editkit.errors import UserError
+from editkit.models.family import EditInputs
+from editkit.utils.lazy import LazyModule
 
-from editkit.models.families import Family
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+else:
+    torch = LazyModule("torch")  # `editkit model info` reads a family's facts without torch
+
+SYSTEM_PROMPT = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
+    "image that meets the user's requirements while maintaining consistency with the original input where "
+    "appropriate.<|im_end|>\n<|im_start|>user\n"
+)
+"""Everything before the user's turn; its tokens are dropped from the prompt embeddings."""
+
+PROMPT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+IMAGE_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
+
+QWEN_IMAGE_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 0.9,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 8192,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+    "invert_sigmas": False,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "stochastic_sampling": False,
+}
+"""`FlowMatchEulerDiscreteScheduler` config of the released Qwen-Image(-Edit) snapshots."""
 
 
-def fit_area(area: int, ratio: float, multiple: int = 32) -> tuple[int, int]:
-    """(width, height) with about `area` pixels and aspect `ratio` (w/h), rounded to `multiple`.
+QWEN_LORA_TARGETS = {
+    # DiffSynth-Studio's Qwen-Image LoRA targets (module-name suffixes)
+    "default": ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
+                "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1"),
+}
+QWEN_LORA_TARGETS["expanded"] = QWEN_LORA_TARGETS["default"] + ("img_in", "txt_in", "proj_out")  # 2511 workflows
+"""Named LoRA target presets of the QwenImage transformer (`train.lora.targets: default|expanded`)."""
 
-    The diffusers pipelines' `calculate_dimensions`.
-    """
-    width = math.sqrt(area * ratio)
-    height = width / ratio
-    return round(width / multiple) * multiple, round(height / multiple) * multiple
+
+COMPONENT_FILES = {
+    "transformer": ("config.json", "*.safetensors*"),
+    "vae": ("config.json", "*.safetensors*"),
+    "text_encoder": ("config.json", "*.safetensors*"),
+    "tokenizer": ("tokenizer_config.json", "tokenizer.json|vocab.json"),
+    "processor": ("preprocessor_config.json",),
+    "scheduler": ("scheduler_config.json",),
+}
+"""What each component folder of a snapshot must hold (glob patterns; `a|b`: either will do)."""
+
+TRANSFORMER_FLAGS = ("zero_cond_t", "use_layer3d_rope", "use_additional_t_cond")
+"""QwenImage transformer config flags that tell families apart (absent from a family's flags: False)."""
+
+
+@dataclass(frozen=True)
+class QwenImageEditFamily:
+    """One Qwen-Image-Edit release (one diffusers pipeline class and its checkpoints)."""
+
+    name: str
+    pipeline_class: str
+    description: str
+    image_prompt: str
+    """Per-image text placed before the instruction; `{}` is the 1-based image number."""
+    max_images: int | None
+    """How many source images the prompt template takes (None: any number)."""
+    size_reference: str
+    """Which source image sets the default output size: "first" or "last" (as the pipelines do)."""
+    vlm_image_area: int = 384 * 384
+    vae_image_area: int = 1024 * 1024
+    output_area: int = 1024 * 1024
+    scheduler: dict = field(default_factory=lambda: dict(QWEN_IMAGE_SCHEDULER))
+    transformer_flags: dict = field(default_factory=dict)
+    system_prompt: str = SYSTEM_PROMPT
+    prompt_suffix: str = PROMPT_SUFFIX
+    lora_targets: dict = field(default_factory=lambda: dict(QWEN_LORA_TARGETS))
+    """Named LoRA target presets: preset name -> module-name suffixes or globs."""
+    component_files: dict = field(default_factory=lambda: dict(COMPONENT_FILES))
+
+    def prompt(self, instruction: str, num_images: int) -> str:
+        """The full VLM text for one instruction with `num_images` source images."""
+        if self.max_images is not None and num_images > self.max_images:
+            raise UserError(
+                f"family {self.name} takes at most {self.max_images} source image(s), got {num_images}; "
+                "pass fewer images or use an Edit-Plus family (qwen-image-edit-2509/2511)"
+            )
+        images = "".join(self.image_prompt.format(i + 1) for i in range(num_images))
+        return f"{self.system_prompt}{images}{instruction}{self.prompt_suffix}"
+
+    def unused_modules(self, transformer) -> list[str]:
+        """Modules whose output the model discards (no LoRA goes there): the last block's text stream."""
+        blocks = getattr(transformer, "transformer_blocks", None)
+        if not blocks:
+            return []
+        last = f"transformer_blocks.{len(blocks) - 1}"
+        return [f"{last}.attn.to_add_out", f"{last}.txt_mlp"]
+
+    # ----- folders ---------------------------------------------------------------------------
+
+    def detect(self, model_index: dict, transformer_config: dict) -> bool:
+        """Released snapshots are told apart by pipeline class, and 2509 from 2511 by `zero_cond_t`."""
+        pipeline = model_index.get("_class_name")
+        if pipeline == "QwenImageEditPipeline":
+            return self.pipeline_class == pipeline
+        if pipeline == "QwenImageEditPlusPipeline" or transformer_config.get("zero_cond_t"):
+            zero_cond = bool(self.transformer_flags.get("zero_cond_t"))
+            return self.pipeline_class == "QwenImageEditPlusPipeline" and zero_cond == bool(
+                transformer_config.get("zero_cond_t"))
+        return False
+
+    def check_transformer(self, transformer_config: dict) -> None:
+        """The transformer must have the family's flags (a 2509 transformer is no 2511 and vice versa)."""
+        for flag in TRANSFORMER_FLAGS:
+            expected, found = bool(self.transformer_flags.get(flag, False)), bool(transformer_config.get(flag, False))
+            if expected != found:
+                raise UserError(
+                    f"family {self.name} needs a transformer with {flag}={expected}, but its config.json has "
+                    f"{flag}={found}; pass the right --family (or --transformer)"
+                )
+
+    def load_transformer(self, folder: Path, torch_dtype):
+        from diffusers import QwenImageTransformer2DModel
+
+        return QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True)
+
+    def load_folder(self, root: Path, transformer_dir: Path, torch_dtype, areas: dict[str, int]):
+        """A snapshot's components (the transformer from `transformer_dir`) as a facade, on the CPU."""
+        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
+        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return QwenImageEditModel(
+            self,
+            transformer=self.load_transformer(transformer_dir, torch_dtype),
+            vae=AutoencoderKLQwenImage.from_pretrained(root / "vae", torch_dtype=torch_dtype, local_files_only=True),
+            text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                root / "text_encoder", dtype=torch_dtype, local_files_only=True),
+            tokenizer=Qwen2Tokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
+            image_processor=Qwen2VLImageProcessorPil.from_pretrained(root / "processor", local_files_only=True),
+            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler", local_files_only=True),
+            **areas,
+        )
+
+    def build_tiny(self, seed: int = 0, areas: dict[str, int] | None = None):
+        """The tiny preset: the real architectures at toy widths (editkit.models.tiny), 64x64 views
+        unless `areas` says otherwise."""
+        from editkit.models.tiny import TINY_AREA, build_tiny
+
+        parts = build_tiny(self, seed=seed)
+        areas = {"vlm_image_area": TINY_AREA, "vae_image_area": TINY_AREA, "output_area": TINY_AREA, **(areas or {})}
+        return QwenImageEditModel(self, parts.transformer, parts.vae, parts.text_encoder, parts.tokenizer,
+                                  parts.image_processor, parts.scheduler, **areas)
+
+    def write_folder(self, model: QwenImageEditModel, out: Path) -> None:
+        """Write the model's components and model_index.json into the (empty) folder `out`."""
+        model.transformer.save_pretrained(out / "transformer")
+        model.vae.save_pretrained(out / "vae")
+        model.text_encoder.save_pretrained(out / "text_encoder")
+        model.tokenizer.save_pretrained(out / "tokenizer")
+        model.tokenizer.save_pretrained(out / "processor")
+        model.processor.image_processor.save_pretrained(out / "processor")
+        model.scheduler.save_pretrained(out / "scheduler")
+        areas = {"vlm_image_area": model.vlm_image_area, "vae_image_area": model.vae_image_area,
+                 "output_area": model.output_area}
+        (out / "model_index.json").write_text(json.dumps(self.model_index(areas), indent=2) + "\n")
+
+    def model_index(self, areas: dict[str, int], **extra) -> dict:
+        """The model_index.json of a folder of this family: component classes, the family, the image areas."""
+        import diffusers
+
+        return {
+            "_class_name": self.pipeline_class,
+            "_diffusers_version": diffusers.__version__,
+            "_editkit_family": self.name,
+            **{f"_editkit_{key}": int(value) for key, value in areas.items()},
+            **{f"_editkit_{key}": value for key, value in extra.items()},
+            "processor": ["transformers", "Qwen2VLProcessor"],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+            "tokenizer": ["transformers", "Qwen2Tokenizer"],
+            "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKLQwenImage"],
+        }
+
+
+FAMILIES = (
+    QwenImageEditFamily(
+        name="qwen-image-edit",
+        pipeline_class="QwenImageEditPipeline",
+        description="Qwen-Image-Edit (first release): one source image, seen by the VLM at the VAE's size",
+        image_prompt=IMAGE_TOKENS,
+        max_images=1,
+        size_reference="first",
+        vlm_image_area=1024 * 1024,
+    ),
+    QwenImageEditFamily(
+        name="qwen-image-edit-2509",
+        pipeline_class="QwenImageEditPlusPipeline",
+        description="Qwen-Image-Edit-2509 (Edit-Plus): several source images, 'Picture i:' template",
+        image_prompt=f"Picture {{}}: {IMAGE_TOKENS}",
+        max_images=None,
+        size_reference="last",
+    ),
+    QwenImageEditFamily(
+        name="qwen-image-edit-2511",
+        pipeline_class="QwenImageEditPlusPipeline",
+        description="Qwen-Image-Edit-2511: Edit-Plus with condition tokens modulated at t=0 (zero_cond_t)",
+        image_prompt=f"Picture {{}}: {IMAGE_TOKENS}",
+        max_images=None,
+        size_reference="last",
+        transformer_flags={"zero_cond_t": True},
+    ),
+)
+"""The three releases, registered in editkit.models.families."""
 
 
 def _make_processor(image_processor, tokenizer):
@@ -51,32 +267,12 @@ def _make_processor(image_processor, tokenizer):
     return ImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
 
 
-@dataclass
-class EditInputs:
-    """Everything the sampler needs for one batch of edits that share sizes."""
-
-    prompt_embeds: torch.Tensor
-    prompt_mask: torch.Tensor
-    cond_latents: torch.Tensor | None
-    img_shapes: list[list[tuple[int, int, int]]]
-    width: int
-    height: int
-    negative_embeds: torch.Tensor | None = None
-    negative_mask: torch.Tensor | None = None
-    has_negative: list[bool] = field(default_factory=list)
-    """Per sample: was a negative prompt given (true CFG needs one)."""
-
-    @property
-    def batch_size(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-
-class EditModel:
-    """Transformer + VAE + Qwen2.5-VL text encoder of one family, with the family's conventions."""
+class QwenImageEditModel:
+    """Transformer + VAE + Qwen2.5-VL text encoder of one release, with the release's conventions."""
 
     def __init__(
         self,
-        family: Family,
+        family: QwenImageEditFamily,
         transformer,
         vae,
         text_encoder,
@@ -114,21 +310,21 @@ class EditModel:
 
     # ----- derived views (clients never assign to a facade's attributes) ---------------------
 
-    def with_transformer(self, transformer) -> EditModel:
+    def with_transformer(self, transformer) -> QwenImageEditModel:
         """The same model running another transformer module (e.g. the DDP/FSDP-wrapped one a
         training loop steps), sharing every other part."""
         view = copy.copy(self)
         view.transformer = transformer
         return view
 
-    def without_encoders(self) -> EditModel:
+    def without_encoders(self) -> QwenImageEditModel:
         """The same model without the VLM and VAE, for training from caches: their memory is freed
         once the caller drops the full model. Encoding or decoding then raises a clear error."""
         view = copy.copy(self)
         view.text_encoder = view.vae = None
         return view
 
-    def with_velocity_hook(self, hook) -> EditModel:
+    def with_velocity_hook(self, hook) -> QwenImageEditModel:
         """The same model whose `predict` output passes through `hook(velocity) -> velocity` (the
         engine's latent-mask fusion blends in the background's velocity so)."""
         view = copy.copy(self)
@@ -142,9 +338,14 @@ class EditModel:
 
     # ----- placement -------------------------------------------------------------------------
 
-    def to(self, device=None, dtype=None) -> EditModel:
-        """Move and cast all three networks; `device` / `dtype` are where and in what inputs are made."""
-        for module in (self.transformer, self.vae, self.text_encoder):
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The networks held now by component name (no VLM and VAE after `without_encoders`)."""
+        parts = {"transformer": self.transformer, "vae": self.vae, "text_encoder": self.text_encoder}
+        return {name: module for name, module in parts.items() if module is not None}
+
+    def to(self, device=None, dtype=None) -> QwenImageEditModel:
+        """Move and cast the networks; `device` / `dtype` are where and in what inputs are made."""
+        for module in self.modules().values():
             # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast, even a harmless one
             torch.nn.Module.to(module, device=device, dtype=dtype)
         self.device = torch.device(device) if device is not None else self.device
@@ -344,7 +545,6 @@ class EditModel:
 
     # ----- whole requests --------------------------------------------------------------------
 
-    @torch.no_grad()
     def prepare(
         self,
         prompts: Sequence[str],
@@ -358,28 +558,29 @@ class EditModel:
         The output size defaults to the family's rule applied to the first sample's images.
         A negative prompt of None means "no true CFG for this sample" ("" is a valid negative).
         """
-        width, height = self.output_size(images[0] if images else [], width, height)
-        has_negative = [n is not None for n in negative_prompts] if negative_prompts else [False] * len(prompts)
-        neg_embeds = neg_mask = None
-        if any(has_negative):  # one VLM pass for prompts and negatives
-            both, both_mask = self.encode_prompt([*prompts, *(n or "" for n in negative_prompts)], [*images, *images])
-            embeds, mask = _trim(both[: len(prompts)], both_mask[: len(prompts)])
-            neg_embeds, neg_mask = _trim(both[len(prompts) :], both_mask[len(prompts) :])
-        else:
-            embeds, mask = self.encode_prompt(prompts, images)
-        cond_latents, cond_sizes = self.encode_conditions(images)
-        shapes = self.img_shapes(width, height, cond_sizes)
-        return EditInputs(
-            prompt_embeds=embeds,
-            prompt_mask=mask,
-            cond_latents=None if cond_latents is None else cond_latents.to(embeds.dtype),
-            img_shapes=[shapes] * len(prompts),
-            width=width,
-            height=height,
-            negative_embeds=neg_embeds,
-            negative_mask=neg_mask,
-            has_negative=has_negative,
-        )
+        with torch.no_grad():
+            width, height = self.output_size(images[0] if images else [], width, height)
+            has_negative = [n is not None for n in negative_prompts] if negative_prompts else [False] * len(prompts)
+            neg_embeds = neg_mask = None
+            if any(has_negative):  # one VLM pass for prompts and negatives
+                both, both_mask = self.encode_prompt([*prompts, *(n or "" for n in negative_prompts)], [*images, *images])
+                embeds, mask = _trim(both[: len(prompts)], both_mask[: len(prompts)])
+                neg_embeds, neg_mask = _trim(both[len(prompts) :], both_mask[len(prompts) :])
+            else:
+                embeds, mask = self.encode_prompt(prompts, images)
+            cond_latents, cond_sizes = self.encode_conditions(images)
+            shapes = self.img_shapes(width, height, cond_sizes)
+            return EditInputs(
+                prompt_embeds=embeds,
+                prompt_mask=mask,
+                cond_latents=None if cond_latents is None else cond_latents.to(embeds.dtype),
+                img_shapes=[shapes] * len(prompts),
+                width=width,
+                height=height,
+                negative_embeds=neg_embeds,
+                negative_mask=neg_mask,
+                has_negative=has_negative,
+            )
 
 
 def _trim(embeds: torch.Tensor, mask: torch.Tensor):

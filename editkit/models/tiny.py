@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from editkit.models.families import Family, get_family
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -115,7 +114,7 @@ def build_vae():
     )
 
 
-def build_transformer(family: Family, vae):
+def build_transformer(family, vae):
     """A 2-layer QwenImage transformer whose input matches the VAE's 2x2-packed latents."""
     from diffusers import QwenImageTransformer2DModel
 
@@ -133,11 +132,14 @@ def build_transformer(family: Family, vae):
     )
 
 
-def build_tiny(family: str, seed: int = 0) -> TinyComponents:
-    """All components of the tiny preset of `family`, identical for the same seed."""
+def build_tiny(family, seed: int = 0) -> TinyComponents:
+    """All components of the tiny preset of `family` (a Qwen-Image-Edit family object or its name),
+    identical for the same seed."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    spec = get_family(family)
+    from editkit.models.families import get_family
+
+    spec = get_family(family) if isinstance(family, str) else family
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = build_tokenizer()

@@ -1,0 +1,163 @@
+"""The model-family interface: everything the engine, trainer, cache, eval and app need from a family.
+
+A family is one file in `editkit/models/` (diffusers' habit: one model, one file) that defines
+an object satisfying `ModelFamily` (static facts and how to build or load a model) and a facade
+class satisfying `EditModel` (a loaded model: conditions, latents, the velocity). Register the
+file in `editkit.models.families.FAMILY_MODULES`; nothing else changes. `qwen_image_edit.py` is
+the reference implementation; docs/architecture.md walks through adding one.
+
+Conventions every family follows (the samplers and the trainer rely on them):
+- sizes are `(width, height)` in pixels; "latents" are normalised VAE latents `(B, C, h, w)`;
+  "packed" latents are the transformer's tokens `(B, N, D)`;
+- `predict` returns the flow-matching velocity (`noise - target`, or `source - target` on the LBM
+  bridge) for a timestep `s` in [0, 1], where `s = 1` is pure noise (or the source);
+- every method takes a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+
+@dataclass
+class EditInputs:
+    """Everything the sampler needs for one batch of edits that share sizes (built by `EditModel.prepare`)."""
+
+    prompt_embeds: torch.Tensor
+    prompt_mask: torch.Tensor
+    cond_latents: torch.Tensor | None
+    img_shapes: list[list[tuple[int, int, int]]]
+    width: int
+    height: int
+    negative_embeds: torch.Tensor | None = None
+    negative_mask: torch.Tensor | None = None
+    has_negative: list[bool] = field(default_factory=list)
+    """Per sample: was a negative prompt given (true CFG needs one)."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+
+class EditModel(Protocol):
+    """A loaded model of one family, used by training and inference alike.
+
+    Clients never assign to its attributes; the `with_*` / `without_*` methods return views that
+    share the weights.
+    """
+
+    family: ModelFamily
+    transformer: torch.nn.Module
+    """The trained network (LoRA adapters go here)."""
+    scheduler: Any
+    """The family's diffusers scheduler (its config sets the dynamic shift)."""
+    device: torch.device
+    dtype: torch.dtype
+    vlm_image_area: int
+    vae_image_area: int
+    output_area: int
+    latent_channels: int
+
+    @property
+    def size_multiple(self) -> int:
+        """Output width and height are multiples of this."""
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The networks this model holds now, by component name (the encoders are absent after
+        `without_encoders`)."""
+
+    def to(self, device=None, dtype=None) -> EditModel: ...
+
+    # sizes
+    def output_size(self, images: Sequence[Image.Image], width: int | None = None,
+                    height: int | None = None) -> tuple[int, int]:
+        """The output size: given, or the family's default for these source images."""
+
+    def vae_size(self, image: Image.Image) -> tuple[int, int]:
+        """The size at which a source image is encoded as a condition."""
+
+    def latent_size(self, width: int, height: int) -> tuple[int, int]:
+        """(latent_height, latent_width) of an image of (width, height) pixels."""
+
+    def img_shapes(self, width: int, height: int, cond_sizes: Sequence[tuple[int, int]]) -> list:
+        """The transformer's positional layout of one sample (target, then each condition image)."""
+
+    # conditions
+    def encode_prompt(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]] | None = None):
+        """Text (and image) condition embeddings `(embeds (B, L, D), mask (B, L))` with the family's template."""
+
+    def encode_conditions(self, images: Sequence[Sequence[Image.Image]]):
+        """Packed condition latents of the source images and their sizes (`(None, [])` without images)."""
+
+    def prepare(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]], width: int | None = None,
+                height: int | None = None, negative_prompts: Sequence[str | None] | None = None) -> EditInputs:
+        """Encode a batch of edits for the sampler."""
+
+    # latents
+    def encode_images(self, images: Sequence[Image.Image], width: int, height: int) -> torch.Tensor: ...
+    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor: ...
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor: ...
+    def decode_packed(self, packed: torch.Tensor, width: int, height: int) -> torch.Tensor: ...
+    def to_pil(self, pixels: torch.Tensor) -> list[Image.Image]: ...
+    def pack(self, latents: torch.Tensor) -> torch.Tensor: ...
+    def unpack(self, packed: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor: ...
+
+    # the network
+    def predict(self, latents: torch.Tensor, timestep, prompt_embeds: torch.Tensor, prompt_mask,
+                img_shapes: list, cond_latents: torch.Tensor | None = None,
+                attention_kwargs: dict | None = None) -> torch.Tensor:
+        """The velocity for packed target tokens; differentiable."""
+
+    # views and switches (instead of clients mutating the facade)
+    def with_transformer(self, transformer: torch.nn.Module) -> EditModel: ...
+    def without_encoders(self) -> EditModel: ...
+    def with_velocity_hook(self, hook: Callable[[torch.Tensor], torch.Tensor]) -> EditModel: ...
+    def split_prompt_lengths(self, enabled: bool = True) -> None: ...
+
+
+class ModelFamily(Protocol):
+    """Static facts about one family and how to build, load and write its models."""
+
+    name: str
+    """The `--family` name, e.g. "qwen-image-edit-2511"."""
+    description: str
+    pipeline_class: str
+    """The diffusers pipeline class whose results this family reproduces."""
+    max_images: int | None
+    """How many source images a record may have (None: any number)."""
+    scheduler: dict
+    """The diffusers scheduler config of the released checkpoints."""
+    lora_targets: Mapping[str, tuple[str, ...]]
+    """Named LoRA target presets (`train.lora.targets`): module-name suffixes or globs."""
+    component_files: Mapping[str, tuple[str, ...]]
+    """What each component folder of a diffusers-format model folder must hold (globs; `a|b`: either)."""
+
+    def unused_modules(self, transformer: torch.nn.Module) -> list[str]:
+        """Modules whose output the model discards (no LoRA goes on them)."""
+
+    def detect(self, model_index: dict, transformer_config: dict) -> bool:
+        """Is a folder with this model_index.json and transformer config one of this family's?"""
+
+    def check_transformer(self, transformer_config: dict) -> None:
+        """UserError when a transformer config does not fit this family (e.g. a flag differs)."""
+
+    def build_tiny(self, seed: int = 0, areas: dict[str, int] | None = None) -> EditModel:
+        """The tiny preset: every component built in code at toy width (tests, demo), seeded; `areas`
+        overrides its view areas (vlm_image_area, vae_image_area, output_area)."""
+
+    def load_transformer(self, folder: Path, torch_dtype) -> torch.nn.Module:
+        """The transformer of a component folder (config.json + weights), on the CPU."""
+
+    def load_folder(self, root: Path, transformer_dir: Path, torch_dtype, areas: dict[str, int]) -> EditModel:
+        """Load a local diffusers-format folder (the transformer from `transformer_dir`), on the CPU;
+        `areas` overrides the family's view areas."""
+
+    def write_folder(self, model: EditModel, out: Path) -> None:
+        """Write `model` as a diffusers-format folder that `load_folder` reads back (into an empty folder)."""
