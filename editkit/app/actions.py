@@ -30,6 +30,7 @@ from PIL import Image
 from editkit.app.limits import AppLimits, check_instruction, load_sources, load_uploaded_mask
 from editkit.app.mask import mask_from_editor
 from editkit.errors import UserError
+from editkit.infer.defaults import STEPS, TRUE_CFG_SCALE
 from editkit.infer.engine import Engine, Progress
 from editkit.infer.fusion import FUSION_MODES
 from editkit.infer.outputs import save_png
@@ -44,8 +45,8 @@ SIZE_MULTIPLE = 16
 class AppDefaults:
     """Initial values of the page's settings."""
 
-    steps: int = 40
-    true_cfg_scale: float = 4.0
+    steps: int = STEPS
+    true_cfg_scale: float = TRUE_CFG_SCALE
     seed: int = 0
 
 
@@ -64,8 +65,8 @@ class EditSettings:
 
     instruction: str
     negative_prompt: str | None = None
-    true_cfg_scale: float = 4.0
-    steps: int = 40
+    true_cfg_scale: float = TRUE_CFG_SCALE
+    steps: int = STEPS
     seed: int = 0
     width: int | None = None
     height: int | None = None

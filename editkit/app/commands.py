@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7999
+from editkit.app.address import DEFAULT_HOST, DEFAULT_PORT
 
 
 def serve(

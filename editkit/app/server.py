@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from editkit.app.actions import AppController, AppDefaults, LoraChoice
-from editkit.app.commands import DEFAULT_HOST, DEFAULT_PORT
+from editkit.app.address import DEFAULT_HOST, DEFAULT_PORT
 from editkit.app.limits import AppLimits
 from editkit.errors import UserError
 
@@ -61,15 +61,13 @@ def build_controller(model: str, loras: Sequence[str] = (), limits: AppLimits | 
     """
     from editkit.infer.engine import Engine
     from editkit.models import load_model
+    from editkit.models.loading import is_tiny_spec, resolve_dtype
     from editkit.utils.dist import resolve_device
 
     choices = lora_choices(loras)
     device = resolve_device(device, "--device")
-    if dtype == "auto":
-        dtype = "bf16" if device.startswith("cuda") else "fp32"
-    engine = Engine(load_model(model, dtype=dtype, device=device), model_name=str(model))
-    is_tiny = str(model).split(":")[0] == "tiny"
-    defaults = AppDefaults(steps=TINY_STEPS) if is_tiny else AppDefaults()
+    engine = Engine(load_model(model, dtype=resolve_dtype(dtype, device), device=device), model_name=str(model))
+    defaults = AppDefaults(steps=TINY_STEPS) if is_tiny_spec(model) else AppDefaults()
     return AppController(engine, limits=limits, loras=choices, defaults=defaults, output_dir=output_dir)
 
 

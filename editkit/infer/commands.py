@@ -1,14 +1,15 @@
-"""`editkit edit`, `editkit chat`, `editkit infer` and `editkit lora convert|inspect` (thin wrappers)."""
+"""`editkit edit`, `editkit chat` and `editkit infer` (thin wrappers)."""
 
 from __future__ import annotations
 
 import datetime as _dt
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from editkit.infer.defaults import NEGATIVE_PROMPT, STEPS, TRUE_CFG_SCALE
 
 ModelOpt = Annotated[str, typer.Option("--model", help="A diffusers-format model folder, or tiny / tiny:<family>.")]
 FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Model family, when the folder does not say.")]
@@ -31,13 +32,13 @@ def _engine(model: str, family, transformer, dtype: str, device, lora, fuse_lora
     """Load the model (and LoRAs) into an Engine; device and LoRA specs are checked before the slow load."""
     from editkit.infer.engine import Engine
     from editkit.models import load_model
+    from editkit.models.loading import resolve_dtype
     from editkit.models.lora import LoraSpec
     from editkit.utils import dist
 
     device = dist.resolve_device(device)
     specs = [LoraSpec.parse(s) for s in lora or []]
-    if dtype == "auto":
-        dtype = "bf16" if device.startswith("cuda") else "fp32"
+    dtype = resolve_dtype(dtype, device)
     engine = Engine(load_model(model, family=family, transformer=transformer, dtype=dtype, device=device),
                     model_name=str(model), transformer_name=str(transformer) if transformer else None)
     if specs:
@@ -69,9 +70,9 @@ def edit_command(
     prompt: Annotated[str, typer.Option("--prompt", help="The edit instruction.")],
     out: Annotated[Path, typer.Option("--out", help="Output image: .png (settings in its text chunk), .jpg/.jpeg/.webp (settings in <out>.json).")],
     model: ModelOpt,
-    negative: NegativeOpt = " ",
-    cfg: Annotated[float, typer.Option("--cfg", help="True CFG scale (1 turns CFG off).")] = 4.0,
-    steps: StepsOpt = 40,
+    negative: NegativeOpt = NEGATIVE_PROMPT,
+    cfg: Annotated[float, typer.Option("--cfg", help="True CFG scale (1 turns CFG off).")] = TRUE_CFG_SCALE,
+    steps: StepsOpt = STEPS,
     seed: SeedOpt = 0,
     width: WidthOpt = None,
     height: HeightOpt = None,
@@ -113,9 +114,9 @@ def chat_command(
     image: Annotated[list[Path], typer.Option("--image", help="Image to edit (more: reference images kept every turn).")],
     model: ModelOpt,
     save: Annotated[Optional[Path], typer.Option("--save", help="Session folder (default chat-<time>); rewritten after every turn.")] = None,
-    negative: NegativeOpt = " ",
-    cfg: Annotated[float, typer.Option("--cfg", help="True CFG scale.")] = 4.0,
-    steps: StepsOpt = 40,
+    negative: NegativeOpt = NEGATIVE_PROMPT,
+    cfg: Annotated[float, typer.Option("--cfg", help="True CFG scale.")] = TRUE_CFG_SCALE,
+    steps: StepsOpt = STEPS,
     seed: SeedOpt = 0,
     lora: LoraOpt = None,
     fuse_lora: FuseOpt = False,
@@ -130,7 +131,7 @@ def chat_command(
     The session (sources, one PNG per turn, history.json) is saved after every turn.
     """
     from editkit.data.images import load_image
-    from editkit.errors import UserError
+    from editkit.infer.chat import USAGE, run_chat
     from editkit.infer.engine import check_cfg, check_sampling
     from editkit.infer.session import EditSession
 
@@ -140,49 +141,31 @@ def chat_command(
     save = save or Path(f"chat-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     engine = _engine(model, family, transformer, dtype, device, lora, fuse_lora)
     session = EditSession(engine, images, negative_prompt=negative, true_cfg_scale=cfg, steps=steps, seed=seed)
+    typer.echo(USAGE, err=True)
+    run_chat(session, _stdin_lines(session), save, typer.echo, new_progress=_step_bar)
+
+
+def _stdin_lines(session):
+    """Lines of stdin, each asked for with a turn prompt when stdin is a terminal."""
     interactive = sys.stdin.isatty()
-    typer.echo("type an instruction per line; /undo, /save DIR, /quit", err=True)
     while True:
         if interactive:
             typer.echo(f"[turn {len(session.history) + 1}]> ", nl=False, err=True)
         line = sys.stdin.readline()
         if not line:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            if line == "/quit":
-                break
-            if line == "/undo":
-                session.undo()
-                session.save(save)
-                typer.echo(f"undone; {len(session.history)} turn(s) left")
-            elif line.startswith("/save"):
-                target = line.removeprefix("/save").strip()
-                if not target:
-                    raise UserError("/save needs a folder: /save DIR")
-                typer.echo(f"saved session to {session.save(target)}")
-            elif line.startswith("/"):
-                raise UserError(f"unknown command {line.split()[0]}; use /undo, /save DIR or /quit")
-            else:
-                session.turn(line, progress=_step_bar())
-                session.save(save)
-                typer.echo(f"turn {len(session.history)}: {save / f'turn-{len(session.history):02d}.png'}")
-        except UserError as err:  # a bad line must not end the session
-            typer.echo(f"editkit: error: {err}", err=True)
-    session.save(save)
-    typer.echo(f"session saved to {save} ({len(session.history)} turn(s))")
+            return
+        yield line
 
 
 def infer_command(
     data: Annotated[Path, typer.Option("--data", help="Manifest (.json/.jsonl/.csv) or dataset folder.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: cfg-<value>/<id>.png per CFG value.")],
     model: ModelOpt,
-    cfg: Annotated[str, typer.Option("--cfg", help="CFG values, comma-separated: one output folder each.")] = "4",
-    steps: StepsOpt = 40,
+    cfg: Annotated[str, typer.Option("--cfg", help="CFG values, comma-separated: one output folder each.")]
+    = f"{TRUE_CFG_SCALE:g}",
+    steps: StepsOpt = STEPS,
     seed: SeedOpt = 0,
-    negative: NegativeOpt = " ",
+    negative: NegativeOpt = NEGATIVE_PROMPT,
     lora: LoraOpt = None,
     fuse_lora: FuseOpt = False,
     fusion: FusionOpt = "off",
@@ -219,59 +202,8 @@ def infer_command(
         typer.echo(f"rank {dist.rank()}: {bad_summary(result.bad)} (all listed in the run manifests)", err=True)
 
 
-lora_app = typer.Typer(help="LoRA files: convert between key layouts, inspect.", no_args_is_help=True)
-
-
-@lora_app.command("convert")
-def lora_convert(
-    src: Annotated[Path, typer.Argument(help="LoRA file (any layout: diffusers, peft, diffsynth, comfyui).")],
-    dest: Annotated[Path, typer.Argument(help="Output .safetensors file.")],
-    to: Annotated[str, typer.Option("--to", help="Layout to write: diffusers, peft, diffsynth or comfyui.")] = "diffusers",
-) -> None:
-    """Rewrite a LoRA in another key layout (tensors and alphas kept exactly)."""
-    from editkit.errors import UserError
-    from editkit.models import lora
-
-    if to not in lora.LAYOUTS:
-        raise UserError(f"--to {to!r}: use one of {', '.join(lora.LAYOUTS)}")
-    if dest.resolve() == src.resolve():
-        raise UserError(f"{dest}: is the input file; write the converted LoRA to another path")
-    if dest.is_dir():
-        raise UserError(f"{dest}: is a folder; give the converted LoRA a file name such as {dest / 'lora.safetensors'}")
-    state_dict, header = lora.load_lora(src)
-    source_layout = lora.detect_layout(state_dict, str(src))
-    keep = {k: v for k, v in header.items() if k not in ("format", "editkit_layout", lora.METADATA_KEY)}
-    lora.save_lora(dest, lora.convert(state_dict, to=to, source=str(src)), to, keep)
-    typer.echo(f"converted {src} ({source_layout}) -> {dest} ({to})")
-
-
-@lora_app.command("inspect")
-def lora_inspect(path: Annotated[Path, typer.Argument(help="LoRA file.")]) -> None:
-    """Print a LoRA's layout, modules, ranks, alphas and metadata."""
-    from collections import Counter
-
-    from editkit.models import lora
-
-    state_dict, header = lora.load_lora(path)
-    layout = lora.detect_layout(state_dict, str(path))
-    modules = lora.parse(state_dict, layout, str(path))
-    ranks = Counter(m.rank for m in modules.values())
-    scales = Counter(round(m.scale, 4) for m in modules.values())
-    typer.echo(f"{path}: {layout} layout, {len(modules)} module(s)")
-    typer.echo("ranks: " + ", ".join(f"{r} x{n}" for r, n in sorted(ranks.items())))
-    typer.echo("scales (alpha/rank): " + ", ".join(f"{s} x{n}" for s, n in sorted(scales.items())))
-    kinds = Counter(re.sub(r"^transformer_blocks\.\d+\.", "", name) for name in modules)
-    typer.echo("targets: " + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())))
-    params = sum(m.A.numel() + m.B.numel() for m in modules.values())
-    typer.echo(f"parameters: {params:,}")
-    for key, value in sorted(header.items()):
-        if key != lora.METADATA_KEY:
-            typer.echo(f"meta {key}: {value[:200]}")
-
-
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the editkit app."""
     app.command("edit")(edit_command)
     app.command("chat")(chat_command)
     app.command("infer")(infer_command)
-    app.add_typer(lora_app, name="lora")

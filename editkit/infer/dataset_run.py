@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 from editkit.errors import UserError
+from editkit.infer import defaults
 from editkit.infer.engine import EditRequest, Engine, check_cfg, check_mask_size, check_sampling, check_side
 from editkit.infer.fusion import check_mode
 from editkit.infer.outputs import save_png
@@ -44,10 +45,10 @@ RUN_MANIFEST = "run.json"
 
 @dataclass
 class DatasetRunConfig:
-    cfgs: Sequence[float] = (4.0,)
-    steps: int = 40
+    cfgs: Sequence[float] = (defaults.TRUE_CFG_SCALE,)
+    steps: int = defaults.STEPS
     seed: int = 0
-    negative_prompt: str | None = " "
+    negative_prompt: str | None = defaults.NEGATIVE_PROMPT
     fusion: str = "off"
     feather: int = 8
     sampler: str = "flow"

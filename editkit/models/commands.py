@@ -1,4 +1,5 @@
-"""CLI commands of this area (registered by editkit.cli): `editkit model save-tiny | info`."""
+"""CLI commands of this area (registered by editkit.cli): `editkit model save-tiny | info` and
+`editkit lora convert | inspect` (editkit.models.lora_commands)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import typer
 
 from editkit.models.families import DEFAULT_FAMILY, FAMILY_NAMES
+from editkit.models.lora_commands import lora_app
 
 model_app = typer.Typer(help="Model folders: write tiny presets, inspect a model.", no_args_is_help=True)
 
@@ -60,3 +62,4 @@ def _check_replaceable(out_dir: Path) -> None:
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the editkit app."""
     app.add_typer(model_app, name="model")
+    app.add_typer(lora_app, name="lora")

@@ -1,0 +1,66 @@
+"""The chat loop: lines of instructions and /commands driving an `EditSession`.
+
+Input and output are plain callables, so the loop runs the same from a terminal, a pipe or a
+test's list of lines (`editkit chat` feeds it stdin and `typer.echo`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from editkit.errors import UserError
+
+if TYPE_CHECKING:
+    from editkit.infer.engine import Progress
+    from editkit.infer.session import EditSession
+
+COMMANDS = "/undo, /save DIR or /quit"
+USAGE = f"type an instruction per line; {COMMANDS}"
+
+
+def run_chat(session: EditSession, lines: Iterable[str], save_dir: str | os.PathLike,
+             echo: Callable[..., None], new_progress: Callable[[], Progress] | None = None) -> Path:
+    """Run one chat until `lines` ends or a `/quit` line; returns the session folder.
+
+    Each line is an instruction that edits the last result, or a command: `/undo` (drop the last
+    turn), `/save DIR` (write the session there too), `/quit`. The session is saved to `save_dir`
+    after every turn and at the end. `echo(text)` reports what happened and `echo(text, err=True)`
+    a bad line, which does not end the chat (`typer.echo` fits). `new_progress()`, when given,
+    makes the progress callback of each turn.
+    """
+    save_dir = Path(save_dir)
+    for line in lines:
+        line = line.strip()
+        if line == "/quit":
+            break
+        if not line:
+            continue
+        try:
+            _run_line(session, line, save_dir, echo, new_progress)
+        except UserError as err:  # a bad line must not end the session
+            echo(f"editkit: error: {err}", err=True)
+    session.save(save_dir)
+    echo(f"session saved to {save_dir} ({len(session.history)} turn(s))")
+    return save_dir
+
+
+def _run_line(session: EditSession, line: str, save_dir: Path, echo: Callable[..., None],
+              new_progress: Callable[[], Progress] | None) -> None:
+    if line == "/undo":
+        session.undo()
+        session.save(save_dir)
+        echo(f"undone; {len(session.history)} turn(s) left")
+    elif line.startswith("/save"):
+        target = line.removeprefix("/save").strip()
+        if not target:
+            raise UserError("/save needs a folder: /save DIR")
+        echo(f"saved session to {session.save(target)}")
+    elif line.startswith("/"):
+        raise UserError(f"unknown command {line.split()[0]}; use {COMMANDS}")
+    else:
+        session.turn(line, progress=new_progress() if new_progress else None)
+        session.save(save_dir)
+        echo(f"turn {len(session.history)}: {save_dir / f'turn-{len(session.history):02d}.png'}")
