@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make test` from a fresh clone, RUNS times in a row (default 5), with a CPU-burning process beside
-# it: the suite must pass every time on a loaded machine (DESIGN.md, Habits).
+# it: the suite must pass every time on a loaded machine (CI runs on one).
 #
 #   bench/reliability/make_test_loop.sh [REPO] [RUNS]
 #
