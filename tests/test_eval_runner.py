@@ -1,4 +1,5 @@
-"""`editkit eval`: matching by id, missing predictions, combined table, resume, sharding, CLI errors."""
+"""`editkit eval`: matching by id, missing predictions, combined table, resume, sharding over gloo ranks,
+the run manifest, CLI errors."""
 
 from __future__ import annotations
 
@@ -103,19 +104,95 @@ def test_predictions_of_another_size_are_resized_to_the_ground_truth(dataset, tm
     assert summary["runs"]["big"]["means"]["psnr"] > 25  # up- then down-sampling keeps it close
 
 
-def test_sharded_ranks_write_parts_and_rank0_merges(dataset, tmp_path, monkeypatch, load_counter):
+RANK_SCRIPT = """
+import json, sys
+from pathlib import Path
+
+import editkit.eval.runner as runner
+from editkit.data import read_manifest
+from editkit.utils import dist
+
+manifest, pred, out, report = map(Path, sys.argv[1:5])
+caller_group = sys.argv[5] == "caller-group"
+loaded, load_sample, check = [], runner.load_sample, runner.FeatureModels.check
+runner.load_sample = lambda record, path: loaded.append(record.id) or load_sample(record, path)
+if dist.rank() == 1:  # a reason only rank 1 meets must reach rank 0's summary
+    runner.FeatureModels.check = lambda self, names: check(self, names) or self.unavailable.update(
+        {"rank1-only": "rank1-only: met by rank 1"})
+if caller_group:  # the caller's own group, reported as NCCL: eval gathers over a gloo group of its own
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo")
+    tdist.get_backend = lambda group=None: "nccl"
+summary = runner.evaluate([pred], read_manifest(manifest), out, ["pixel", "seam"], show_progress=False)
+if caller_group:
+    assert tdist.is_initialized(), "eval tore down the caller's process group"
+report.joinpath(f"rank{dist.rank()}.json").write_text(json.dumps({"summary": summary, "loaded": loaded}))
+"""
+
+
+def _two_gloo_ranks(tmp_path, *args) -> list[dict]:
+    """Run RANK_SCRIPT in 2 processes under torchrun (gloo); each rank's summary and loaded ids.
+    The last argument: "caller-group" (the script forms the process group) or "eval-group"."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script, report = tmp_path / "rank_eval.py", tmp_path / "report"
+    script.write_text(RANK_SCRIPT)
+    report.mkdir(exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(script), *map(str, args[:3]), str(report), args[3]],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_gloo_ranks_split_the_records_and_rank0_merges(dataset, tmp_path):
     manifest, records, runs = dataset
     out = tmp_path / "out"
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    rank0, rank1 = _two_gloo_ranks(tmp_path, manifest, runs / "cfg-4.0", out, "eval-group")
+    assert sorted(rank0["loaded"]) == ["s0", "s2", "s4"] and sorted(rank1["loaded"]) == ["s1", "s3", "s5"]
+    assert rank1["summary"] is None
+    summary = rank0["summary"]
+    assert summary["computed"] == 3  # rank 0's shard
+    assert summary["unavailable"] == {"rank1-only": "rank1-only: met by rank 1"}
+    assert sorted(r["id"] for r in _rows(out)) == [f"s{i}" for i in range(6)]
+    assert json.loads((out / "run.json").read_text())["config"]["world_size"] == 2
+    assert not (out / "parts").exists()
+    again = _two_gloo_ranks(tmp_path, manifest, runs / "cfg-4.0", out, "caller-group")  # resumed: nothing to do
+    assert again[0]["loaded"] == [] and again[1]["loaded"] == [] and again[0]["summary"]["computed"] == 0
+
+
+def test_one_process_forms_no_process_group(dataset, tmp_path, monkeypatch):
+    import torch.distributed as tdist
+
+    manifest, records, runs = dataset
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    evaluate([runs / "cfg-4.0"], records, tmp_path / "out", ["pixel"], show_progress=False)
+    assert not tdist.is_initialized()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert evaluate([runs / "cfg-4.0"], records, out, FAST, show_progress=False) is None
-    assert sorted(i for _, i in load_counter) == ["s1", "s3", "s5"]
-    assert not (out / "per_sample.csv").exists()
-    monkeypatch.setenv("RANK", "0")
-    summary = evaluate([runs / "cfg-4.0"], records, out, FAST, show_progress=False)
-    assert summary["computed"] == 3  # rank 0's shard only
-    assert sorted(r["id"] for r in _rows(out)) == [f"s{i}" for i in range(6)]
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(UserError, match="WORLD_SIZE=2: cannot reach the other ranks.*torchrun"):
+        evaluate([runs / "cfg-4.0"], records, tmp_path / "out2", ["pixel"], show_progress=False)
+
+
+def test_the_library_writes_the_run_manifest(dataset, tmp_path):
+    manifest, records, runs = dataset
+    out = tmp_path / "out"
+    evaluate([runner.Run("best", runs / "cfg-4.0")], records, out, ["pixel"], manifest=manifest, show_progress=False,
+             run_config={"note": "mine"})
+    run = json.loads((out / "run.json").read_text())
+    assert run["job"] == "eval" and run["versions"]["torch"]
+    assert run["config"]["runs"] == {"best": str(runs / "cfg-4.0")}
+    assert run["config"]["metrics"] == ["pixel"] and run["config"]["data"] == str(manifest)
+    assert run["config"]["note"] == "mine"
 
 
 def test_unavailable_metrics_say_how_to_enable_them(dataset, tmp_path):
@@ -155,7 +232,8 @@ def test_cli_eval_with_a_glob_and_exit_2_on_bad_flags(dataset, tmp_path, capsys)
     assert code == 0
     assert "cfg-2.0: 5/6 evaluated, 1 missing" in printed and "cfg-4.0: 6/6 evaluated" in printed
     assert "unavailable" not in printed and "--weights" not in printed  # only pixel was asked for
-    assert (out / "run.json").is_file()
+    config = json.loads((out / "run.json").read_text())["config"]
+    assert config["pred"] == [str(runs / "cfg-*")] and set(config["runs"]) == {"cfg-2.0", "cfg-4.0"}
     code, _, err = run_cli(capsys, "eval", "--pred", runs / "cfg-4.0", "--data", manifest, "--out", out,
                            "--weights", "clip")
     assert code == 2 and "expected NAME=PATH" in err

@@ -41,7 +41,8 @@ def expand_preds(items: list[str]):
     return list(runs.values())
 
 
-def parse_weights(items: list[str]) -> dict[str, Path]:
+def parse_metric_weights(items: list[str]) -> dict[str, Path]:
+    """`--weights NAME=PATH` values (a feature metric's weights folder) as {metric: path}."""
     weights = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -82,17 +83,15 @@ def eval_command(
     from editkit.data import parse_field_overrides, read_manifest
     from editkit.eval.metrics import FEATURE_METRICS
     from editkit.eval.runner import evaluate
-    from editkit.utils.runinfo import write_run_manifest
 
-    records = read_manifest(data, format=format, fields=parse_field_overrides(field))
-    weight_map = parse_weights(weights)
+    fields = parse_field_overrides(field)
+    records = read_manifest(data, format=format, fields=fields)
+    weight_map = parse_metric_weights(weights)
     summary = evaluate(expand_preds(pred), records, out, parse_metrics(metrics), weight_map, batch_size,
-                       device=device, manifest=data, overwrite=overwrite)
+                       device=device, manifest=data, overwrite=overwrite,
+                       run_config={"pred": pred, "fields": fields})
     if summary is None:
         return
-    write_run_manifest(out, "eval", {"pred": pred, "data": str(data), "metrics": summary["metric_groups"],
-                                     "weights": {k: str(v) for k, v in weight_map.items()},
-                                     "fields": parse_field_overrides(field)})
     typer.echo(f"resize policy: {summary['resize_policy']}")
     for reason in summary["unavailable"].values():
         typer.echo(f"unavailable: {reason}")

@@ -7,8 +7,9 @@ new metrics, changed predictions, ground truths, sources, masks or instructions)
 the whole folder — the resize policy and each metric's weights — is its fingerprint
 (`claim_out_folder`): other values are refused unless `overwrite`, which recomputes everything.
 Records are sharded across processes by rank (torchrun / accelerate); each rank writes its cache
-entries and a `done` marker, and rank 0 waits for all markers and merges everything into
-`per_sample.csv` and `summary.json`.
+entries, the ranks gather their unavailable-metric reasons through torch.distributed
+(editkit.eval.ranks), and rank 0 merges everything into `per_sample.csv` and `summary.json` and writes
+the run manifest `run.json`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import io
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,17 +27,18 @@ import numpy as np
 from editkit.data.records import EditRecord
 from editkit.errors import UserError
 from editkit.eval.cache import Entry, entry_path, load_entry
+from editkit.eval.ranks import gather, rank_group
 from editkit.eval.sample import RESIZE_POLICY, Sample, load_sample, to_array
 from editkit.utils import dist
 from editkit.utils.atomic import write_json, write_text
 from editkit.utils.fingerprint import FILE_NAME as FINGERPRINT_FILE
 from editkit.utils.fingerprint import claim_folder, file_stamp, folder_stamp
 from editkit.utils.progress import make_progress
+from editkit.utils.runinfo import write_run_manifest
 
 PRED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 INFO_COLUMNS = ("run", "id", "task", "edit_type", "instruction", "pred", "target", "sources", "mask")
 CLIP_T_TEXT = "metadata target_caption / output_caption / caption when present, else the instruction"
-MERGE_TIMEOUT_S = 24 * 3600
 
 
 @dataclass
@@ -202,40 +203,6 @@ def plan(runs: list[Run], records: list[EditRecord], groups: list[str], cache_di
     return work
 
 
-def _marker(out_dir: Path, rank: int) -> Path:
-    return out_dir / "parts" / f"done-rank{rank}.json"
-
-
-def _job_token() -> str:
-    return os.environ.get("TORCHELASTIC_RUN_ID") or f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
-
-
-def _wait_for_ranks(out_dir: Path, world: int, since: float, timeout_s: float) -> dict[str, str]:
-    """Rank 0 waits for every rank's marker of this job; returns their unavailable-metric reasons."""
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
-    deadline = time.monotonic() + timeout_s
-    reasons: dict[str, str] = {}
-    pending = set(range(world))
-    while pending:
-        for r in sorted(pending):
-            try:
-                data = json.loads(_marker(out_dir, r).read_text())
-            except (OSError, ValueError):
-                continue
-            if data.get("job") == _job_token() and data.get("time", 0) >= since - 600:
-                reasons.update(data.get("unavailable", {}))
-                pending.discard(r)
-        if pending:
-            if time.monotonic() > deadline:
-                raise UserError(f"{out_dir}/parts: ranks {sorted(pending)} did not finish in {timeout_s:.0f} s; "
-                                "run the same command again to resume")
-            time.sleep(1.0)
-    return reasons
-
-
 def weights_stamp(path: Path) -> list:
     """A weights folder (or file) as it enters the fingerprint: its path and its files' sizes and mtimes."""
     return [str(path), folder_stamp(path) if Path(path).is_dir() else file_stamp(path)]
@@ -283,12 +250,13 @@ def clear_results(out_dir: Path, runs: list[Run], records: list[EditRecord]) -> 
 
 def evaluate(pred_dirs: list[Path | Run], records: list[EditRecord], out_dir: Path, groups: list[str] | None = None,
              weights: dict[str, Path] | None = None, batch_size: int = 8, device=None,
-             manifest: Path | None = None, show_progress: bool = True, overwrite: bool = False) -> dict | None:
+             manifest: Path | None = None, show_progress: bool = True, overwrite: bool = False,
+             run_config: dict | None = None) -> dict | None:
     """Score every prediction folder (a Path: the run is named by the folder; a Run: by its name);
-    returns the summary on rank 0 (None on other ranks)."""
+    returns the summary on rank 0 (None on other ranks), which also writes `run.json` (what ran;
+    `run_config` adds entries to its config, e.g. the CLI's arguments)."""
     import torch
 
-    start = time.time()
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir}: is a file; eval writes a folder (per_sample.csv, summary.json, cache/)")
@@ -298,27 +266,32 @@ def evaluate(pred_dirs: list[Path | Run], records: list[EditRecord], out_dir: Pa
     if not records:
         raise UserError(f"{manifest or 'manifest'}: no records to evaluate")
     models = FeatureModels(weights, torch.device(dist.resolve_device(None if device is None else str(device))))
-    claim_out_folder(out_dir, weights, overwrite)
-    if overwrite:
-        clear_results(out_dir, runs, records)
-    cache_dir = out_dir / "cache"
-    models.check(groups)  # a metric asked for that lacks weights gets its "how to enable" line
-    work = plan(runs, records, groups, cache_dir, models)
-    with make_progress("sample", disable=not show_progress) as progress:
-        task = progress.add_task(f"eval rank {dist.rank()}", total=len(work), status="")
-        for i in range(0, len(work), batch_size):
-            batch = work[i:i + batch_size]
-            compute_batch(batch, cache_dir, models)
-            progress.advance(task, len(batch))
-    write_json(_marker(out_dir, dist.rank()), {"job": _job_token(), "time": time.time(),
-                                                "computed": len(work), "unavailable": models.unavailable})
+    with rank_group() as group:
+        claim_out_folder(out_dir, weights, overwrite)
+        if overwrite:
+            clear_results(out_dir, runs, records)
+        cache_dir = out_dir / "cache"
+        models.check(groups)  # a metric asked for that lacks weights gets its "how to enable" line
+        work = plan(runs, records, groups, cache_dir, models)
+        with make_progress("sample", disable=not show_progress) as progress:
+            task = progress.add_task(f"eval rank {dist.rank()}", total=len(work), status="")
+            for i in range(0, len(work), batch_size):
+                batch = work[i:i + batch_size]
+                compute_batch(batch, cache_dir, models)
+                progress.advance(task, len(batch))
+        # each rank has saved its cache entries before it joins: once the gather returns, all are on disk
+        for reasons in gather(models.unavailable, group):
+            models.unavailable.update(reasons)
     if dist.rank() != 0:
         return None
-    if dist.world_size() > 1:
-        models.unavailable.update(_wait_for_ranks(out_dir, dist.world_size(), start, MERGE_TIMEOUT_S))
     summary = merge(runs, records, groups, out_dir, models.unavailable, manifest, models.device)
     summary["computed"] = len(work)
     write_json(out_dir / "summary.json", summary)
+    write_run_manifest(out_dir, "eval", {
+        "runs": {run.name: str(run.pred_dir) for run in runs}, "data": str(manifest) if manifest else None,
+        "metrics": groups, "weights": {k: str(v) for k, v in weights.items()}, "batch_size": batch_size,
+        "device": str(models.device), "world_size": dist.world_size(), "overwrite": overwrite,
+        **(run_config or {})})
     return summary
 
 

@@ -58,7 +58,3 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 def pooled(output) -> torch.Tensor:
     """`get_*_features` returns a tensor in older transformers and an output with pooler_output in v5."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-def has_targets(samples: list[Sample]) -> bool:
-    return all(s.target is not None for s in samples)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+from editkit.eval.metrics import preprocess as pp
 
 # (kernel, stride, expand ratio, in, out, repeats) — EfficientNet-Lite0 / B0 stages.
 STAGES = (
@@ -118,6 +119,4 @@ def load_efficientnet_lite0(device: str | torch.device = "cpu") -> EfficientNetL
 
 def preprocess(images: list[Image.Image], size: int = INPUT_SIZE) -> torch.Tensor:
     """PIL images -> (B, 3, size, size) float in [0, 1] (bicubic resize of the whole image)."""
-    arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-              for img in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return pp.pixel_values(pp.unit_range(size), images)

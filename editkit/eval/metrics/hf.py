@@ -75,12 +75,11 @@ class ClipMetric(_ImagePairMetric):
         except Exception as err:
             raise UserError(f"--weights clip={path}: no usable tokenizer files ({err.__class__.__name__}); "
                             "the folder needs the CLIP tokenizer (vocab.json, merges.txt)") from err
-        vision = self.model.config.vision_config.image_size
-        self.preprocess = pp.from_folder(path, pp.Preprocess(pp.CLIP_MEAN, pp.CLIP_STD, shortest_edge=vision,
-                                                            crop=(vision, vision)))
+        self.processor = pp.clip(path, self.model.config.vision_config.image_size)
 
     def embed(self, images):
-        return pooled(self.model.get_image_features(pixel_values=self.preprocess(images).to(self.device)))
+        pixels = pp.pixel_values(self.processor, images).to(self.device)
+        return pooled(self.model.get_image_features(pixel_values=pixels))
 
     def embed_text(self, texts: list[str]) -> torch.Tensor:
         max_len = self.model.config.text_config.max_position_embeddings
@@ -109,12 +108,11 @@ class DinoMetric(_ImagePairMetric):
         path = self.require_weights(path)
         self.device = device
         self.model = _load(transformers.ViTModel, path, self.name, device)
-        crop = self.model.config.image_size
-        self.preprocess = pp.Preprocess(pp.IMAGENET_MEAN, pp.IMAGENET_STD, shortest_edge=round(crop * 256 / 224),
-                                        crop=(crop, crop))
+        self.processor = pp.dino(self.model.config.image_size)
 
     def embed(self, images):
-        return self.model(pixel_values=self.preprocess(images).to(self.device)).last_hidden_state[:, 0]
+        pixels = pp.pixel_values(self.processor, images).to(self.device)
+        return self.model(pixel_values=pixels).last_hidden_state[:, 0]
 
 
 class Dinov3Metric(_ImagePairMetric):
@@ -129,12 +127,10 @@ class Dinov3Metric(_ImagePairMetric):
         path = self.require_weights(path)
         self.device = device
         self.model = _load(transformers.DINOv3ViTModel, path, self.name, device)
-        size = self.model.config.image_size
-        self.preprocess = pp.from_folder(path, pp.Preprocess(pp.IMAGENET_MEAN, pp.IMAGENET_STD,
-                                                            resize_to=(size, size)))
+        self.processor = pp.dinov3(path, self.model.config.image_size)
 
     def embed(self, images):
-        return self.model(pixel_values=self.preprocess(images).to(self.device)).pooler_output
+        return self.model(pixel_values=pp.pixel_values(self.processor, images).to(self.device)).pooler_output
 
 
 class Siglip2Metric(_ImagePairMetric):
@@ -150,8 +146,8 @@ class Siglip2Metric(_ImagePairMetric):
         self.device = device
         self.model = _load(transformers.Siglip2Model, path, self.name, device)
         vision = self.model.config.vision_config
-        self.patch, self.max_patches = vision.patch_size, vision.num_patches
+        self.processor = pp.siglip2(vision.patch_size, vision.num_patches)
 
     def embed(self, images):
-        inputs = pp.naflex_patches(images, self.patch, self.max_patches)
+        inputs = pp.inputs(self.processor, images)
         return pooled(self.model.get_image_features(**{k: v.to(self.device) for k, v in inputs.items()}))

@@ -15,18 +15,17 @@ from __future__ import annotations
 import importlib.util
 import math
 
-import numpy as np
 import torch
 from PIL import Image
 
+from editkit.eval.metrics import preprocess as pp
 from editkit.eval.metrics.base import FeatureMetric
 from editkit.eval.sample import Sample
 
 
 def _tensor(images: list[Image.Image], size: int | None = None) -> torch.Tensor:
-    arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC) if size else img.convert("RGB"),
-                         dtype=np.float32) / 255.0 for img in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    """(B, 3, H, W) in [0, 1], resized to `size`×`size` (bicubic) unless `size` is None."""
+    return pp.pixel_values(pp.unit_range(size), images)
 
 
 class _PairDistance(FeatureMetric):

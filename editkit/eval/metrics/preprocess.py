@@ -1,129 +1,102 @@
-"""Image preprocessing for feature models with PIL + numpy only (transformers' image processors
-need torchvision in recent versions, which editkit cannot install)."""
+"""Image preprocessing of the feature metrics: transformers' PIL image processors.
+
+transformers' default processors for these models are the torchvision ones, which editkit's CPU-torch
+environment cannot install; the PIL ones (`*ImageProcessorPil`) need only PIL and numpy.
+tests/test_eval_features.py checks each metric's tensors against editkit's earlier PIL + numpy code.
+"""
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_RESAMPLE = {0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC}
+from editkit.errors import UserError
+
+CONFIG_FILE = "preprocessor_config.json"
 
 
-@dataclass
-class Preprocess:
-    """Resize (shortest edge, or to a fixed height x width), centre crop, normalise.
+def _imagenet() -> dict:
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    `shortest_edge` keeps the aspect ratio; `resize_to` is (height, width) and does not.
-    """
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    shortest_edge: int | None = None
-    resize_to: tuple[int, int] | None = None
-    crop: tuple[int, int] | None = None
-    resample: int = Image.BICUBIC
-
-    def image(self, img: Image.Image) -> np.ndarray:
-        img = img.convert("RGB")
-        if self.resize_to is not None:
-            img = img.resize((self.resize_to[1], self.resize_to[0]), self.resample)
-        elif self.shortest_edge is not None:
-            w, h = img.size
-            short, long = (w, h) if w <= h else (h, w)
-            new_long = int(self.shortest_edge * long / short)  # truncation, as transformers does
-            size = (self.shortest_edge, new_long) if w <= h else (new_long, self.shortest_edge)
-            img = img.resize(size, self.resample)
-        if self.crop is not None:
-            img = center_crop(img, *self.crop)
-        array = np.asarray(img, dtype=np.float32) / 255.0
-        return (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-
-    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
-        """(B, 3, H, W) float32."""
-        return torch.from_numpy(np.stack([self.image(img) for img in images])).permute(0, 3, 1, 2).contiguous()
+    return {"image_mean": list(IMAGENET_DEFAULT_MEAN), "image_std": list(IMAGENET_DEFAULT_STD)}
 
 
-def center_crop(img: Image.Image, height: int, width: int) -> Image.Image:
-    w, h = img.size
-    left, top = (w - width) // 2, (h - height) // 2
-    return img.crop((left, top, left + width, top + height))
+def _bicubic() -> int:
+    from transformers.image_utils import PILImageResampling
+
+    return PILImageResampling.BICUBIC
 
 
-def _hw(value) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    if isinstance(value, int):
-        return value, value
-    if "height" in value:
-        return int(value["height"]), int(value["width"])
-    return None
-
-
-def from_folder(folder: Path, default: Preprocess) -> Preprocess:
-    """The preprocessing described by the folder's preprocessor_config.json, else `default`."""
-    path = Path(folder) / "preprocessor_config.json"
+def from_folder(cls, folder: Path, **defaults):
+    """`cls.from_pretrained(folder)` when the folder has a preprocessor_config.json (its settings
+    completed with `defaults` where it has none), else `cls(**defaults)`."""
+    path = Path(folder) / CONFIG_FILE
     if not path.is_file():
-        return default
-    cfg = json.loads(path.read_text())
-    size = cfg.get("size")
-    shortest = size.get("shortest_edge") if isinstance(size, dict) else None
-    return Preprocess(
-        mean=tuple(cfg.get("image_mean", default.mean)),
-        std=tuple(cfg.get("image_std", default.std)),
-        shortest_edge=shortest if cfg.get("do_resize", True) else None,
-        resize_to=None if shortest or not cfg.get("do_resize", True) else _hw(size),
-        crop=_hw(cfg.get("crop_size")) if cfg.get("do_center_crop") else None,
-        resample=_RESAMPLE.get(cfg.get("resample", 3), Image.BICUBIC),
-    )
+        return cls(**defaults)
+    try:
+        given = json.loads(path.read_text())
+        return cls.from_pretrained(str(folder), **{k: v for k, v in defaults.items() if k not in given})
+    except Exception as err:  # bad JSON or settings the processor refuses: many exception types
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise UserError(f"{path}: not a usable {cls.__name__} config ({err.__class__.__name__}: {first}); "
+                        "fix or delete it") from err
 
 
-def naflex_size(height: int, width: int, patch: int, max_patches: int, eps: float = 1e-5) -> tuple[int, int]:
-    """SigLIP2's target size: keep the aspect ratio, sides multiples of `patch`, at most `max_patches`
-    patches (the same binary search as transformers' Siglip2 image processor)."""
+def clip(folder: Path, image_size: int):
+    """CLIP: the folder's config, else shortest edge `image_size` (bicubic), centre crop, CLIP mean/std."""
+    from transformers import CLIPImageProcessorPil
 
-    def scaled(scale: float, size: int) -> int:
-        return max(patch, math.ceil(size * scale / patch) * patch)
-
-    lo, hi = eps / 10, 100.0
-    while hi - lo >= eps:
-        mid = (lo + hi) / 2
-        if (scaled(mid, height) / patch) * (scaled(mid, width) / patch) <= max_patches:
-            lo = mid
-        else:
-            hi = mid
-    return scaled(lo, height), scaled(lo, width)
+    return from_folder(CLIPImageProcessorPil, folder, size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size})
 
 
-def naflex_patches(images: list[Image.Image], patch: int, max_patches: int,
-                   mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> dict[str, torch.Tensor]:
-    """SigLIP2 inputs: pixel_values (B, max_patches, patch*patch*3), pixel_attention_mask, spatial_shapes."""
-    values, masks, shapes = [], [], []
-    for img in images:
-        img = img.convert("RGB")
-        h, w = naflex_size(img.height, img.width, patch, max_patches)
-        array = np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
-        array = (array - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-        hp, wp = h // patch, w // patch
-        patches = array.reshape(hp, patch, wp, patch, 3).transpose(0, 2, 1, 3, 4).reshape(hp * wp, -1)
-        padded = np.zeros((max_patches, patches.shape[1]), np.float32)
-        padded[: len(patches)] = patches
-        mask = np.zeros(max_patches, np.int32)
-        mask[: len(patches)] = 1
-        values.append(padded)
-        masks.append(mask)
-        shapes.append((hp, wp))
-    return {
-        "pixel_values": torch.from_numpy(np.stack(values)),
-        "pixel_attention_mask": torch.from_numpy(np.stack(masks)),
-        "spatial_shapes": torch.tensor(shapes, dtype=torch.long),
-    }
+def dino(crop: int):
+    """MagicBrush's DINO: short side to crop·256/224 (bicubic), centre crop `crop`, ImageNet mean/std.
+    The folder's config is not read: the metric is defined by this preprocessing."""
+    from transformers import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(size={"shortest_edge": round(crop * 256 / 224)}, do_center_crop=True,
+                                crop_size={"height": crop, "width": crop}, resample=_bicubic(), **_imagenet())
+
+
+def dinov3(folder: Path, size: int):
+    """DINOv3: the folder's config, else `size`×`size` (bicubic), ImageNet mean/std.
+
+    Through ViT's PIL processor: DINOv3's own processor is torchvision-only (and rescales before it
+    resizes, on floats); this keeps editkit's resize of the 8-bit image, then rescale and normalise."""
+    from transformers import ViTImageProcessorPil
+
+    return from_folder(ViTImageProcessorPil, folder, size={"height": size, "width": size}, resample=_bicubic(),
+                       **_imagenet())
+
+
+def siglip2(patch: int, max_patches: int):
+    """SigLIP2 NaFlex: aspect-preserving resize to at most `max_patches` patches of `patch` px, mean/std 0.5."""
+    from transformers import Siglip2ImageProcessorPil
+
+    return Siglip2ImageProcessorPil(patch_size=patch, max_num_patches=max_patches)
+
+
+def unit_range(size: int | None = None):
+    """Pixels in [0, 1], not normalised; resized to `size`×`size` (bicubic) unless `size` is None."""
+    from transformers import ViTImageProcessorPil
+
+    if size is None:
+        return ViTImageProcessorPil(do_resize=False, do_normalize=False)
+    return ViTImageProcessorPil(size={"height": size, "width": size}, resample=_bicubic(), do_normalize=False)
+
+
+def inputs(processor, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+    """The model inputs (pixel_values, and for NaFlex the attention mask and spatial shapes).
+
+    Images are made RGB here with PIL, as before: transformers' own conversion blends transparency
+    onto white instead of dropping the alpha channel."""
+    return dict(processor(images=[img.convert("RGB") for img in images], return_tensors="pt"))
+
+
+def pixel_values(processor, images: list[Image.Image]) -> torch.Tensor:
+    """(B, 3, H, W) float32."""
+    return inputs(processor, images)["pixel_values"]
