@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from editkit.infer import defaults
 from editkit.models.family import EditInputs, EditModel
 
 StepCallback = Callable[[int, int], None]
@@ -103,8 +104,8 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor
 def sample(
     model: EditModel,
     inputs: EditInputs,
-    steps: int = 50,
-    true_cfg_scale: float | Sequence[float] = 4.0,
+    steps: int = defaults.STEPS,
+    true_cfg_scale: float | Sequence[float] = defaults.TRUE_CFG_SCALE,
     seeds: Sequence[int] | int | None = None,
     latents: torch.Tensor | None = None,
     callback: StepCallback | None = None,
@@ -174,7 +175,7 @@ def sample_bridge(
     inputs: EditInputs,
     source_latents: torch.Tensor,
     steps: int = 1,
-    bridge_noise: float = 0.005,
+    bridge_noise: float = defaults.BRIDGE_NOISE,
     seeds: Sequence[int] | int | None = None,
     callback: StepCallback | None = None,
     attention_kwargs: dict | None = None,
@@ -214,8 +215,8 @@ def edit_images(
     prompts: Sequence[str],
     images: Sequence[Sequence],
     negative_prompts: Sequence[str | None] | None = None,
-    true_cfg_scale: float | Sequence[float] = 4.0,
-    steps: int = 50,
+    true_cfg_scale: float | Sequence[float] = defaults.TRUE_CFG_SCALE,
+    steps: int = defaults.STEPS,
     seeds: Sequence[int] | int | None = None,
     width: int | None = None,
     height: int | None = None,
