@@ -186,7 +186,8 @@ def infer_command(
     """Edit a whole dataset; sharded across processes (torchrun / accelerate launch), resumable."""
     from editkit.data import read_manifest
     from editkit.data.manifest import parse_field_overrides
-    from editkit.infer.dataset_run import DatasetRunConfig, bad_summary, check_out_folder, parse_cfgs, run_dataset
+    from editkit.data.bad_records import bad_summary
+    from editkit.infer.dataset_run import DatasetRunConfig, check_out_folder, parse_cfgs, run_dataset
     from editkit.utils import dist
 
     check_out_folder(out)

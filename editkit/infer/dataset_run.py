@@ -15,7 +15,7 @@ Every rank computes the same fingerprint from all the records; rank 0 writes it,
 
 A record that cannot be used (missing or corrupt image, bad mask) stops the run with one line
 naming it (`record.origin or record.id`); with `skip_bad=True` it is reported and the run goes
-on (`load_record`, `bad_summary`: the same semantics serve other record jobs).
+on (`editkit.data.bad_records`: the same semantics serve other record jobs).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
 
+from editkit.data.bad_records import BadRecord, load_record, record_name
 from editkit.errors import UserError
 from editkit.infer import defaults
 from editkit.infer.engine import EditRequest, Engine, check_cfg, check_mask_size, check_sampling, check_side
@@ -39,7 +39,6 @@ from editkit.utils.progress import make_progress
 from editkit.utils.runinfo import write_run_manifest
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 RUN_MANIFEST = "run.json"
 
 
@@ -81,17 +80,6 @@ class DatasetRunConfig:
         return {**settings, "true_cfg_scale": float(cfg)}
 
 
-@dataclass(frozen=True)
-class BadRecord:
-    """A record a job could not use: its name (`record.origin or record.id`) and the one-line problem."""
-
-    name: str
-    problem: str
-
-    def __str__(self) -> str:
-        return f"{self.name}: {self.problem}"
-
-
 @dataclass
 class DatasetRunResult:
     written: list[Path] = field(default_factory=list)
@@ -99,30 +87,6 @@ class DatasetRunResult:
     without_mask: int = 0
     bad: list[BadRecord] = field(default_factory=list)
     """Records left out with `skip_bad` (each once, whatever the number of CFG values)."""
-
-
-def record_name(record) -> str:
-    return record.origin or record.id
-
-
-def load_record(record, load: Callable[[], T], skip_bad: bool, bad: list[BadRecord]) -> T | None:
-    """`load()` for one record. A UserError from it (missing or corrupt file, bad mask) becomes one
-    line naming the record; with `skip_bad` it is appended to `bad` and None is returned instead."""
-    try:
-        return load()
-    except UserError as err:
-        problem = BadRecord(record_name(record), str(err))
-        if not skip_bad:
-            raise UserError(f"record {problem}; fix it, or pass --skip-bad to go on without it") from None
-        bad.append(problem)
-        return None
-
-
-def bad_summary(bad: Sequence[BadRecord], shown: int = 3) -> str:
-    """One line for the end of a job: how many records were left out, and the first few."""
-    first = "; ".join(str(b) for b in bad[:shown])
-    more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
-    return f"skipped {len(bad)} bad record(s): {first}{more}"
 
 
 def cfg_folder(out_dir: str | os.PathLike, cfg: float) -> Path:

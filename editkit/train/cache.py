@@ -386,10 +386,10 @@ def _other_indexes(out: Path, repair: bool) -> tuple[dict[Path, dict], dict[Path
 
 
 def _load(record, load, skip_bad: bool, bad: list, writer: CacheWriter):
-    """`load()` for one record with infer's semantics (editkit.infer.dataset_run.load_record): a UserError
+    """`load()` for one record with the shared semantics (editkit.data.bad_records.load_record): a UserError
     stops the run with one line naming the record — after the writer keeps what is encoded, so a re-run
     resumes — or, with `skip_bad`, the record goes to `bad` and None is returned."""
-    from editkit.infer.dataset_run import load_record
+    from editkit.data.bad_records import load_record
 
     try:
         return load_record(record, load, skip_bad, bad)
@@ -474,7 +474,7 @@ def build_cache(model_spec: str, manifest: str | Path, out_dir: str | Path, area
     mine = shard(records)
     todo = [r for r in mine if not writer.done(r.id)]
     skipped = len(mine) - len(todo)
-    bad: list = []  # editkit.infer.dataset_run.BadRecord of the records left out (skip_bad)
+    bad: list = []  # editkit.data.bad_records.BadRecord of the records left out (skip_bad)
     groups: dict[tuple, list] = {}  # shape key -> its records, in manifest order
     for record in todo:
         key = _load(record, lambda: sample_key(model, record, buckets), skip_bad, bad, writer)

@@ -90,7 +90,7 @@ def cache(
         typer.echo(f"repair: dropped {what} ({reason}); its records were encoded again")
     typer.echo(f"cached {result['records']} records ({result['skipped']} already done) in {result['out']}")
     if result["bad"]:
-        from editkit.infer.dataset_run import bad_summary
+        from editkit.data.bad_records import bad_summary
 
         typer.echo(f"{bad_summary(result['bad'])} (not cached; fix them and run again to add them)", err=True)
 
