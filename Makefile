@@ -17,6 +17,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/ruff check editkit tests bench
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: $(STAMP)

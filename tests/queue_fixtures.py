@@ -8,7 +8,7 @@ from editkit.queue.commands import register
 
 
 @pytest.fixture
-def cli(tmp_path, monkeypatch):
+def queue_cli(tmp_path, monkeypatch):
     """`cli(*args)`: `editkit queue ARGS` through typer's runner, the queue under tmp_path/q."""
     monkeypatch.setenv("EDITKIT_QUEUE", str(tmp_path / "q"))
     monkeypatch.chdir(tmp_path)

@@ -39,4 +39,5 @@ def test_user_error_is_one_line_and_exit_2(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ['editkit: error: manifest.jsonl:3: field "instruction" is empty; write one']
+    assert proc.stderr.strip().splitlines() == [
+        'editkit: error: manifest.jsonl:3: field "instruction" is empty; write one']

@@ -1,7 +1,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,15 +44,17 @@ def test_validate_finds_every_problem(bad_manifest):
     lines = [p.line() for p in report.problems]
     assert lines[0].startswith(f"{bad_manifest}:2: field 'instruction'")
     assert any(line.startswith(f"{bad_manifest}:3: field 'source_image[1]'") for line in lines)
-    assert any(line.startswith(f"{bad_manifest}:2: field 'mask': mask is 8x8 but the target is 16x16") for line in lines)
+    assert any(line.startswith(f"{bad_manifest}:2: field 'mask': mask is 8x8 but the target is 16x16")
+               for line in lines)
 
 
 def test_cli_validate_exit_2_and_one_line_per_problem(bad_manifest):
     proc = _cli("data", "validate", bad_manifest, "--workers", "1")
     assert proc.returncode == 2
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 8 and lines[-1].endswith("6 problems (bad-json: 1, empty-instruction: 1, mask-size: 1, "
-                                                   "missing-file: 1, undecodable: 1, url: 1); 1 warning (empty-mask: 1)")
+    assert len(lines) == 8 and lines[-1].endswith(
+        "6 problems (bad-json: 1, empty-instruction: 1, mask-size: 1, "
+        "missing-file: 1, undecodable: 1, url: 1); 1 warning (empty-mask: 1)")
     assert f"{bad_manifest}:2: field 'mask': warning: is all black" in proc.stdout
     assert "Traceback" not in proc.stderr
 
@@ -61,7 +62,8 @@ def test_cli_validate_exit_2_and_one_line_per_problem(bad_manifest):
 def test_cli_convert_bad_manifest_is_one_line_exit_2(bad_manifest, tmp_path):
     proc = _cli("data", "convert", bad_manifest, tmp_path / "out.csv")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"editkit: error: {bad_manifest}:4: field 'target_image': is a URL")
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"editkit: error: {bad_manifest}:4: field 'target_image': is a URL")
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.csv").exists()
 
 
@@ -71,7 +73,8 @@ def test_cli_in_process_validate_ok(tmp_path):
     from editkit.cli import app
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-    write_manifest([EditRecord("r", "do it", [tmp_path / "a.png"], tmp_path / "a.png")], tmp_path / "m.csv", "diffsynth")
+    write_manifest([EditRecord("r", "do it", [tmp_path / "a.png"], tmp_path / "a.png")],
+                   tmp_path / "m.csv", "diffsynth")
     result = CliRunner().invoke(app, ["data", "validate", str(tmp_path / "m.csv"), "--workers", "1"])
     assert result.exit_code == 0 and "1 records, no problems" in result.output
     result = CliRunner().invoke(app, ["data", "validate", str(tmp_path / "nope.csv")])
@@ -134,7 +137,8 @@ def test_build_from_folders_normalises_and_resumes(tmp_path):
     Image.fromarray(np.full((30, 20), 200, np.uint8)).save(tmp_path / "msk" / "p1.png")
     Image.new("RGB", (40, 60)).save(tmp_path / "src" / "p2.png")
     (tmp_path / "prompts.txt").write_text("p1\tmake it red\np2\tmake it green\n")
-    records = records_from_folders(tmp_path / "src", tmp_path / "tgt", tmp_path / "msk", prompts=tmp_path / "prompts.txt")
+    records = records_from_folders(tmp_path / "src", tmp_path / "tgt", tmp_path / "msk",
+                                   prompts=tmp_path / "prompts.txt")
     out = tmp_path / "out"
     manifest = build_dataset(records, out, area=32 * 48, multiple=16, workers=1, progress=False)
     built = {r.id: r for r in read_manifest(manifest)}

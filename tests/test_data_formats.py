@@ -22,9 +22,10 @@ def images(tmp_path):
 def _records(root: Path) -> list[EditRecord]:
     return [
         EditRecord(id="r1", instruction="make the red circle blue", sources=[root / "a.png"], target=root / "b.png",
-                   mask=root / "m.png", instruction_cn="把红色圆形变成蓝色", inverse_instruction="make the blue circle red",
-                   task="recolor", metadata={"score": 0.9, "shape": "circle", "prompt": "clash", "flag": True,
-                                             "n": "12", "empty": "", "none": None, "nested": {"a": [1, 2]}}),
+                   mask=root / "m.png", instruction_cn="把红色圆形变成蓝色",
+                   inverse_instruction="make the blue circle red", task="recolor",
+                   metadata={"score": 0.9, "shape": "circle", "prompt": "clash", "flag": True,
+                             "n": "12", "empty": "", "none": None, "nested": {"a": [1, 2]}}),
         EditRecord(id="r2", instruction="combine", sources=[root / "a.png", root / "c.png"], target=root / "b.png",
                    ref_gt=root / "c.png"),
         EditRecord(id="r3", instruction="a text-to-image prompt, with comma", target=root / "c.png"),
@@ -52,8 +53,10 @@ def test_round_trip_across_all_formats(images):
     for fmt, name in chain:
         write_manifest(current, images / name, fmt)
         current = read_manifest(images / name)
-    strip = lambda rs: [(r.id, r.instruction, r.instruction_cn, r.inverse_instruction, r.task, r.metadata,
-                         len(r.sources), r.target is None, r.mask is None, r.ref_gt is None) for r in rs]
+    def strip(rs):
+        return [(r.id, r.instruction, r.instruction_cn, r.inverse_instruction, r.task, r.metadata,
+                 len(r.sources), r.target is None, r.mask is None, r.ref_gt is None) for r in rs]
+
     assert strip(current) == strip(records)
     for a, b in zip(current, records):
         for pa, pb in zip([*a.sources, a.target, a.mask], [*b.sources, b.target, b.mask]):
@@ -112,10 +115,12 @@ def test_folder_layout_txt_prompts(images):
 
 @pytest.mark.parametrize("content,match", [
     ('{"instruction": "x", "source_image": "https://a.com/x.png"}\n', r"m.jsonl:1: field 'source_image': is a URL"),
-    ('{"instruction": "x"}\n{"instruction": 3, "source_image": "a.png"}\n', r"m.jsonl:2: field 'instruction': must be text"),
+    ('{"instruction": "x"}\n{"instruction": 3, "source_image": "a.png"}\n',
+     r"m.jsonl:2: field 'instruction': must be text"),
     ('{"instruction": "x"}\n{oops\n', r"m.jsonl:2: invalid JSON"),
     ('{"source_image": "a.png", "target_image": "b.png"}\n', r"m.jsonl:1: field 'instruction': is missing"),
-    ('{"instruction": "x", "id": "a", "target_image": "a.png"}\n{"instruction": "y", "id": "a", "target_image": "a.png"}\n',
+    ('{"instruction": "x", "id": "a", "target_image": "a.png"}\n'
+     '{"instruction": "y", "id": "a", "target_image": "a.png"}\n',
      r"m.jsonl:2: field 'id': id 'a' already used at .*m.jsonl:1"),
     ('[1, 2]\n', r"m.jsonl:1: expected an object"),
 ])
@@ -229,13 +234,17 @@ def _record_lists(draw, root: Path):
     ids = draw(st.lists(_text, min_size=n, max_size=n, unique=True))
     records = []
     for rid in ids:
-        path = lambda: draw(st.none() | _name.map(lambda s: root / "imgs" / f"{s}.png"))
+        def path():
+            return draw(st.none() | _name.map(lambda s: root / "imgs" / f"{s}.png"))
+
         records.append(EditRecord(
             id=rid, instruction=draw(_text), sources=draw(st.lists(_name.map(lambda s: root / f"{s}.png"), max_size=3)),
             target=path(), mask=path(), ref_gt=path(), instruction_cn=draw(st.none() | _text),
             inverse_instruction=draw(st.none() | _text), inverse_instruction_cn=draw(st.none() | _text),
             task=draw(st.none() | _text),
-            metadata=draw(st.dictionaries(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=6), _meta_value, max_size=4))))
+            metadata=draw(st.dictionaries(
+                st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=6),
+                _meta_value, max_size=4))))
     return records
 
 

@@ -5,8 +5,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from editkit.data.images import (bucket_for, fit_area, load_image, load_mask, make_buckets, oriented_size,
-                                 resize_to_area, resize_to_bucket, target_size)
+from editkit.data.images import (
+    bucket_for,
+    fit_area,
+    load_image,
+    load_mask,
+    make_buckets,
+    oriented_size,
+    resize_to_area,
+    resize_to_bucket,
+    target_size,
+)
 from editkit.errors import UserError
 
 
@@ -18,7 +27,8 @@ def _diffusers_calculate_dimensions(module: str):
 
     root = Path(importlib.util.find_spec("diffusers").origin).parent
     source = (root / "pipelines" / "qwenimage" / f"{module}.py").read_text()
-    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "calculate_dimensions")
+    node = next(n for n in ast.parse(source).body
+                if isinstance(n, ast.FunctionDef) and n.name == "calculate_dimensions")
     namespace = {"math": math}
     exec(compile(ast.Module(body=[node], type_ignores=[]), "calculate_dimensions", "exec"), namespace)
     return namespace["calculate_dimensions"]

@@ -1,15 +1,22 @@
 import json
 from collections import Counter
 
-import numpy as np
 import pytest
 from PIL import Image
 from scipy.stats import chisquare
 
 from editkit.data import write_manifest
 from editkit.data.images import make_buckets
-from editkit.data.mixing import (BucketBatchSampler, MixingSampler, bucket_by_image_size, discover_datasets,
-                                 load_datasets, parse_dataset_weights, parse_source_weights, preview_mixture)
+from editkit.data.mixing import (
+    BucketBatchSampler,
+    MixingSampler,
+    bucket_by_image_size,
+    discover_datasets,
+    load_datasets,
+    parse_dataset_weights,
+    parse_source_weights,
+    preview_mixture,
+)
 from editkit.data.records import EditRecord
 from editkit.errors import UserError
 

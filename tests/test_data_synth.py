@@ -22,7 +22,8 @@ def test_splits_and_manifest(synth_dir):
     ids = [r.id for rs in splits.values() for r in rs]
     assert len(set(ids)) == 60
     record = splits["train"][0]
-    assert record.task in TASKS and record.instruction_cn and record.inverse_instruction and record.inverse_instruction_cn
+    assert record.task in TASKS
+    assert record.instruction_cn and record.inverse_instruction and record.inverse_instruction_cn
     assert {"shape", "color"} <= set(record.metadata)
     assert (synth_dir / "preview.png").is_file() and json.loads((synth_dir / "synth.json").read_text())["seed"] == 3
 

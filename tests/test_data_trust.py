@@ -11,8 +11,15 @@ from PIL import Image
 
 from editkit.data import read_manifest, write_manifest
 from editkit.data.build import build_dataset
-from editkit.data.images import (binarize_mask, load_image, load_mask, mask_size_problem, open_8bit,
-                                 oriented_size, to_8bit)
+from editkit.data.images import (
+    binarize_mask,
+    load_image,
+    load_mask,
+    mask_size_problem,
+    open_8bit,
+    oriented_size,
+    to_8bit,
+)
 from editkit.data.records import EditRecord
 from editkit.data.tools import plain_name
 from editkit.data.validate import check_image, validate_manifest
@@ -328,7 +335,8 @@ def test_build_refuses_ids_that_are_not_folder_names(tmp_path, bad_id):
     (["data", "synth", "--out", "{d}/syn", "--n", "0"], "--n must be between 1"),
     (["data", "synth", "--out", "{d}/syn", "--workers", "0"], "--workers must be at least 1"),
     (["data", "validate", "{d}/ds/train.jsonl", "--workers", "-1"], "--workers must be at least 1"),
-    (["data", "build", "{d}/ds/train.jsonl", "--out", "{d}/b", "--area", "100000000000"], "--area 100000000000 is more"),
+    (["data", "build", "{d}/ds/train.jsonl", "--out", "{d}/b", "--area", "100000000000"],
+     "--area 100000000000 is more"),
     (["data", "split", "{d}/ds/train.jsonl", "--out", "{d}/s", "--seed", "-1"], "--seed must be a non-negative"),
     (["data", "convert", "{d}/bad.jsonl", "{d}/o.jsonl"], "{d}/bad.jsonl:2: invalid JSON"),
     (["data", "convert", "{d}/bad.csv", "{d}/o.jsonl"], "{d}/bad.csv:2: field 'prompt': is missing"),

@@ -11,8 +11,8 @@ from PIL import Image, ImageOps
 from skimage import data
 
 from editkit.eval.metrics.distribution import fid_kid_from_features, fid_kid_from_images
-from editkit.eval.metrics.effnet import EffNetMetric
 from editkit.eval.metrics.efficientnet import load_efficientnet_lite0, preprocess
+from editkit.eval.metrics.effnet import EffNetMetric
 from editkit.eval.sample import Sample
 
 

@@ -76,8 +76,10 @@ def test_lora_convert_and_inspect(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["edit", "--model", "tiny", "--image", "missing.png", "--prompt", "x", "--out", "o.png"], "missing.png: image file not found"),
-    (["edit", "--model", "tiny", "--image", "{image}", "--prompt", "x", "--out", "o.png", "--lora", "{image}:strong"], "not a number"),
+    (["edit", "--model", "tiny", "--image", "missing.png", "--prompt", "x", "--out", "o.png"],
+     "missing.png: image file not found"),
+    (["edit", "--model", "tiny", "--image", "{image}", "--prompt", "x", "--out", "o.png", "--lora", "{image}:strong"],
+     "not a number"),
     (["lora", "convert", "{image}", "out.safetensors"], "cannot read the LoRA"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, image, args, message):
@@ -96,7 +98,8 @@ def test_infer_killed_with_sigkill_resumes(tmp_path, image):
     from editkit.data.records import EditRecord
 
     manifest = tmp_path / "set.jsonl"
-    write_manifest([EditRecord(id=f"r{i}", instruction=f"edit {i}", sources=[image]) for i in range(6)], manifest, "pairs")
+    write_manifest([EditRecord(id=f"r{i}", instruction=f"edit {i}", sources=[image]) for i in range(6)],
+                   manifest, "pairs")
     args = ["infer", *TINY, "--data", str(manifest), "--batch-size", "1", "--cfg", "4"]
     out = tmp_path / "killed" / "cfg-4.0"
     proc = subprocess.Popen([sys.executable, "-m", "editkit", *args, "--out", str(tmp_path / "killed")],

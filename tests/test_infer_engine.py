@@ -40,7 +40,8 @@ def test_mixed_batch_equals_one_by_one(engine):
     steps_seen = []
     batched = engine.edit(requests, progress=lambda s, n: steps_seen.append((s, n)))
     assert steps_seen[-1] == (6, 6) and len(steps_seen) == 6
-    assert [img.size for img in batched] == [(64, 64), (96, 32), (64, 64), (128, 32), (64, 64)]  # 2511: size of the last source
+    # 2511: size of the last source
+    assert [img.size for img in batched] == [(64, 64), (96, 32), (64, 64), (128, 32), (64, 64)]
     for request, image in zip(requests, batched):
         alone = engine.edit([request])[0]
         assert np.abs(pixels(alone) - pixels(image)).max() <= 1

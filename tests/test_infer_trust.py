@@ -74,7 +74,8 @@ def test_rerun_with_other_settings_is_refused_and_overwrite_redoes(capsys, tmp_p
     ok(capsys, "infer", *TINY, "--steps", "3", "--data", manifest, "--out", out, "--overwrite")
     folder = out / "cfg-4.0"
     assert sorted(p.name for p in folder.glob("*.png")) == ["r0.png"]  # the other records' images went too
-    assert read_settings(folder / "r0.png")["steps"] == 3 and read_settings(folder / "r0.png")["prompt"] == "another edit"
+    settings = read_settings(folder / "r0.png")
+    assert settings["steps"] == 3 and settings["prompt"] == "another edit"
     assert json.loads((folder / "run.json").read_text())["config"]["steps"] == 3
 
 

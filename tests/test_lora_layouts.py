@@ -156,7 +156,8 @@ def test_bad_files_and_keys_are_user_errors(tmp_path):
 
 
 def _kohya_key(comfy_key):
-    """diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight -> lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight"""
+    """diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight
+    -> lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight"""
     name = comfy_key.removeprefix("diffusion_model.")
     if name.endswith(".alpha"):
         module, suffix = name.removesuffix(".alpha"), "alpha"

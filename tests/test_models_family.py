@@ -14,7 +14,8 @@ from editkit.models.family import EditModel, ModelFamily
 
 def _members(protocol) -> set[str]:
     names = set(protocol.__annotations__)  # the attributes (unevaluated: torch is only imported for typing)
-    names |= {n for n, v in vars(protocol).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))}
+    names |= {n for n, v in vars(protocol).items()
+              if not n.startswith("_") and (callable(v) or isinstance(v, property))}
     return names
 
 

@@ -8,21 +8,20 @@ import pytest
 
 from editkit.errors import UserError
 from editkit.queue.store import CANCELLED, FAILED, WAITING, Store
-from tests.queue_fixtures import cli  # noqa: F401 (a fixture)
 
 
 def _store(tmp_path):
     return Store(tmp_path / "q")
 
 
-def test_every_queue_command_has_help(cli):
+def test_every_queue_command_has_help(queue_cli):
     for command in ("submit", "list", "show", "logs", "cancel", "retry", "clear", "worker", "watch"):
-        result = cli(command, "--help")
+        result = queue_cli(command, "--help")
         assert result.exit_code == 0 and "Usage" in result.output, result.output
 
 
-def test_submit_records_the_command_verbatim_after_the_first_word(cli, tmp_path):
-    result = cli("submit", "--name", "lr", "--env", "LR=3e-4", "--priority", "2", "echo", "--lr", "3", "--", "x")
+def test_submit_records_the_command_verbatim_after_the_first_word(queue_cli, tmp_path):
+    result = queue_cli("submit", "--name", "lr", "--env", "LR=3e-4", "--priority", "2", "echo", "--lr", "3", "--", "x")
     assert result.exit_code == 0, result.output
     job = _store(tmp_path).get(1)
     assert job.command == ["echo", "--lr", "3", "--", "x"] and job.env == {"LR": "3e-4"}
@@ -42,56 +41,56 @@ def test_submit_records_the_command_verbatim_after_the_first_word(cli, tmp_path)
     (["--backend", "slurm", "--time", "5", "--retries", "2", "--", "true"], "--retries is for the local backend"),
     (["--on-orphan", "maybe", "--", "true"], "--on-orphan maybe: use one of requeue, fail"),
 ])
-def test_submit_mistakes_are_one_line_user_errors(cli, args, message):
-    result = cli("submit", *args)
+def test_submit_mistakes_are_one_line_user_errors(queue_cli, args, message):
+    result = queue_cli("submit", *args)
     assert isinstance(result.exception, UserError), result.output
     assert "\n" not in str(result.exception)
     assert re.search(message, str(result.exception)), str(result.exception)
 
 
-def test_a_failed_job_shows_logs_then_retry_cancel_and_clear(cli, tmp_path):
+def test_a_failed_job_shows_logs_then_retry_cancel_and_clear(queue_cli, tmp_path):
     script = "echo out-line; echo err-line >&2; exit 4"
-    assert cli("submit", "--name", "boom", "--", "sh", "-c", script).exit_code == 0
-    result = cli("worker", "--gpus", "none", "--poll", "0.05", "--exit-when-empty")
+    assert queue_cli("submit", "--name", "boom", "--", "sh", "-c", script).exit_code == 0
+    result = queue_cli("worker", "--gpus", "none", "--poll", "0.05", "--exit-when-empty")
     assert result.exit_code == 0, result.output
     assert "started job 1 (boom) on CPU" in result.output and "job 1 (boom) failed, exit code 4" in result.output
-    listed = cli("list").output
+    listed = queue_cli("list").output
     assert "boom" in listed and "failed" in listed and "exit code 4" in listed
-    shown = cli("show", "1").output
+    shown = queue_cli("show", "1").output
     assert "exit code: 4" in shown and "command:   sh -c 'echo out-line; echo err-line >&2; exit 4'" in shown
-    logs = cli("logs", "1")
+    logs = queue_cli("logs", "1")
     assert "out-line" in logs.output and "err-line" in logs.output
-    assert cli("logs", "1", "--stream", "out").output == "out-line\n"
-    assert cli("retry", "1").output.strip() == "job 1 (boom) queued again"
+    assert queue_cli("logs", "1", "--stream", "out").output == "out-line\n"
+    assert queue_cli("retry", "1").output.strip() == "job 1 (boom) queued again"
     assert _store(tmp_path).get(1).state == WAITING
-    assert cli("cancel", "1").output.strip() == "job 1: cancelled (was waiting)"
+    assert queue_cli("cancel", "1").output.strip() == "job 1: cancelled (was waiting)"
     assert _store(tmp_path).get(1).state == CANCELLED
-    assert isinstance(cli("clear").exception, UserError)
-    assert cli("clear", "--done").output.strip() == "removed 0 jobs"
-    assert cli("clear", "--cancelled").output.strip() == "removed 1 job: 1"
+    assert isinstance(queue_cli("clear").exception, UserError)
+    assert queue_cli("clear", "--done").output.strip() == "removed 0 jobs"
+    assert queue_cli("clear", "--cancelled").output.strip() == "removed 1 job: 1"
     assert not any(p.exists() for p in _store(tmp_path).log_paths(1))
-    assert isinstance(cli("show", "1").exception, UserError)
+    assert isinstance(queue_cli("show", "1").exception, UserError)
 
 
-def test_list_shows_the_wait_reason_and_watch_draws_the_table(cli, tmp_path):
-    cli("submit", "--name", "sweep-a", "--", "true")
+def test_list_shows_the_wait_reason_and_watch_draws_the_table(queue_cli, tmp_path):
+    queue_cli("submit", "--name", "sweep-a", "--", "true")
     _store(tmp_path).set_reasons({1: "GPU 2 has 3.1 GiB free, needs 40"})
-    listed = cli("list").output
+    listed = queue_cli("list").output
     assert "waiting: GPU 2 has 3.1 GiB free, needs 40" in listed
     assert "no worker is running; start one with `editkit queue worker`" in listed
-    assert "sweep-a" not in cli("list", "--state", FAILED).output
-    assert "--state lost: use one of waiting, running, done" in str(cli("list", "--state", "lost").exception)
-    watched = cli("watch", "--count", "1")
+    assert "sweep-a" not in queue_cli("list", "--state", FAILED).output
+    assert "--state lost: use one of waiting, running, done" in str(queue_cli("list", "--state", "lost").exception)
+    watched = queue_cli("watch", "--count", "1")
     assert watched.exit_code == 0 and "sweep-a" in watched.output
 
 
-def test_logs_follow_returns_with_everything_once_the_job_ends(cli, tmp_path):
-    cli("submit", "--", "sh", "-c", "echo first; sleep 0.5; echo second")
+def test_logs_follow_returns_with_everything_once_the_job_ends(queue_cli, tmp_path):
+    queue_cli("submit", "--", "sh", "-c", "echo first; sleep 0.5; echo second")
     worker = subprocess.Popen([sys.executable, "-m", "editkit.queue", "worker", "--queue", str(tmp_path / "q"),
                                "--gpus", "none", "--poll", "0.05", "--exit-when-empty"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        result = cli("logs", "1", "-f", "--stream", "out")
+        result = queue_cli("logs", "1", "-f", "--stream", "out")
         assert result.output == "first\nsecond\n"
         assert worker.wait(timeout=180) == 0
     finally:
@@ -99,14 +98,14 @@ def test_logs_follow_returns_with_everything_once_the_job_ends(cli, tmp_path):
         worker.wait()
 
 
-def test_worker_rejects_gpus_it_does_not_have(cli, tmp_path, monkeypatch):
+def test_worker_rejects_gpus_it_does_not_have(queue_cli, tmp_path, monkeypatch):
     fake = tmp_path / "gpus.json"
     fake.write_text('{"gpus": [{"free_gib": 80}, {"free_gib": 80}]}')
     monkeypatch.setenv("EDITKIT_QUEUE_FAKE_GPUS", str(fake))
-    result = cli("worker", "--gpus", "0,5")
+    result = queue_cli("worker", "--gpus", "0,5")
     assert isinstance(result.exception, UserError)
     assert "GPU 5 does not exist; this machine has 2" in str(result.exception)
-    result = cli("submit", "--gpus", "3", "--", "true")
+    result = queue_cli("submit", "--gpus", "3", "--", "true")
     assert "--gpus 3: this machine has 2 GPUs" in str(result.exception)
 
 

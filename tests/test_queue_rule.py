@@ -147,6 +147,7 @@ def test_gpus_requested_without_nvml_exits_2_with_one_line(no_nvml, tmp_path, ar
 
 
 def test_cpu_job_needs_no_nvml(no_nvml, tmp_path):
-    result = CliRunner().invoke(_app(), ["queue", "submit", "--queue", str(tmp_path / "q"), "--gpus", "0", "--", "true"])
+    result = CliRunner().invoke(
+        _app(), ["queue", "submit", "--queue", str(tmp_path / "q"), "--gpus", "0", "--", "true"])
     assert result.exit_code == 0, result.output
     assert "queued: CPU job" in result.output

@@ -6,8 +6,18 @@ import threading
 import pytest
 
 from editkit.errors import UserError
-from editkit.queue.store import (CANCELLED, DONE, FAILED, RUNNING, WAITING, JobSpec, Store, backoff_delay,
-                                 default_folder, describe_exit)
+from editkit.queue.store import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    RUNNING,
+    WAITING,
+    JobSpec,
+    Store,
+    backoff_delay,
+    default_folder,
+    describe_exit,
+)
 
 
 def _spec(tmp_path, **kw):

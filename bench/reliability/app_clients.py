@@ -192,7 +192,7 @@ def _queue_order(url: str, root: Path, files: dict, log: Path) -> Trial:
 def _server_log_trial(err_text: str) -> Trial:
     """Tracebacks in the server's stderr, apart from Gradio's own input checks (gradio.exceptions.Error)."""
     blocks = err_text.split("Traceback (most recent call last)")[1:]
-    finals = [next((l for l in reversed(b.strip().splitlines()) if l.strip() and not l.startswith(" ")), "?")
+    finals = [next((ln for ln in reversed(b.strip().splitlines()) if ln.strip() and not ln.startswith(" ")), "?")
               for b in blocks]
     bad = [f for f in finals if not f.startswith("gradio.exceptions.Error")]
     return Trial(CATEGORY, "server-log", not bad, f"{len(blocks)} traceback(s) in the server's stderr, "

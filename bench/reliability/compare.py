@@ -87,8 +87,8 @@ def json_file(a: Path, b: Path, rel: str, paths=(), ignore=(), rtol=RTOL, atol=A
 
 def jsonl_file(a: Path, b: Path, rel: str, paths=()) -> list[str]:
     try:
-        la = [json.loads(l) for l in a.read_text().splitlines() if l.strip()]
-        lb = [json.loads(l) for l in b.read_text().splitlines() if l.strip()]
+        la = [json.loads(ln) for ln in a.read_text().splitlines() if ln.strip()]
+        lb = [json.loads(ln) for ln in b.read_text().splitlines() if ln.strip()]
     except ValueError as err:
         return [f"{rel}: not JSON lines ({err})"]
     return values(la, lb, rel, paths=paths)

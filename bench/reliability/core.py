@@ -95,7 +95,7 @@ class Result:
         return shell_line(self.argv, self.cwd, self.env)
 
     def tail(self, n: int = 6) -> str:
-        lines = [l for l in self.stderr.splitlines() if l.strip()]
+        lines = [ln for ln in self.stderr.splitlines() if ln.strip()]
         return "\n".join(lines[-n:])
 
 
@@ -166,8 +166,8 @@ def verdict(rc: int | None, stderr: str) -> tuple[str, bool]:
         return f"traceback (exit {rc})", False
     if rc == 0:
         return "ok", True
-    lines = [l for l in stderr.splitlines() if l.strip()]
-    errors = [l for l in lines if l.startswith(ERROR_PREFIX)]
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith(ERROR_PREFIX)]
     if rc == 2 and len(errors) == 1 and lines[-1] == errors[0]:
         return "user-error", True
     if rc == 2 and not errors and "Usage:" in stderr and "Error" in stderr:

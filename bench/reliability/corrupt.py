@@ -21,8 +21,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.reliability import compare as cmp
-from bench.reliability.core import EDITKIT, TRACEBACK, FixtureError, Result, Trial, blocked, round_robin, run, say, \
-    trial_rng, verdict
+from bench.reliability.core import (
+    EDITKIT,
+    TRACEBACK,
+    FixtureError,
+    Result,
+    Trial,
+    blocked,
+    round_robin,
+    run,
+    say,
+    trial_rng,
+    verdict,
+)
 from bench.reliability.jobs import JOBS, RUN_MANIFESTS, SIZE, TINY, Workspace
 
 CATEGORY = "corrupt"
@@ -325,7 +336,7 @@ def result_of(res: Result, setup: Setup, tdir: Path) -> dict:
 
 
 def _last(text: str) -> str:
-    lines = [l for l in text.splitlines() if l.strip()]
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else ""
 
 

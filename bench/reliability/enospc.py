@@ -25,8 +25,18 @@ import time
 from pathlib import Path
 
 from bench.reliability import compare as cmp
-from bench.reliability.core import PY, Trial, blocked, child_env, round_robin, run, say, temp_leftovers, \
-    trial_rng, verdict
+from bench.reliability.core import (
+    PY,
+    Trial,
+    blocked,
+    child_env,
+    round_robin,
+    run,
+    say,
+    temp_leftovers,
+    trial_rng,
+    verdict,
+)
 from bench.reliability.corrupt import tensors_digest
 from bench.reliability.jobs import JOBS, RUN_MANIFESTS, Workspace
 
@@ -81,7 +91,7 @@ def intact(out: Path, ref: Path) -> list[str]:
                                 f"{other.stat().st_size} bytes)")
         elif path.suffix in (".json", ".jsonl"):
             try:
-                [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.suffix == ".jsonl" \
+                [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.suffix == ".jsonl" \
                     else json.loads(path.read_text())
             except ValueError as err:
                 problems.append(f"{rel}: unreadable ({err})")
@@ -177,11 +187,11 @@ def enospc_trial(ws: Workspace, job_name: str, index: int, seed: int, root: Path
     problems += [f"left after the re-run: {x}" for x in report["leftovers_again"][:3]]
     problems += report["diffs"]
     tail = first["stderr"] if not ok else again["stderr"]
-    message = [l for l in first["stderr"].splitlines() if l.strip()][-1:] if status == "user-error" else []
+    message = [ln for ln in first["stderr"].splitlines() if ln.strip()][-1:] if status == "user-error" else []
     detail = "; ".join(problems) if problems else f"{outcome}: {report['how']}" + (
         f": {message[0][:160]}" if message else "")
     return Trial(CATEGORY, case, not problems, detail, [f"# {report['how']}", first["line"], again["line"]],
-                 "\n".join([l for l in tail.splitlines() if l.strip()][-8:]) if problems else "",
+                 "\n".join([ln for ln in tail.splitlines() if ln.strip()][-8:]) if problems else "",
                  first["seconds"] + again["seconds"], {"outcome": outcome})
 
 

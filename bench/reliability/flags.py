@@ -19,8 +19,21 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.reliability.core import EDITKIT, PY, FixtureError, Trial, child_env, free_port, kill_tree, \
-    round_robin, run, say, shell_line, trial_rng, verdict
+from bench.reliability.core import (
+    EDITKIT,
+    PY,
+    FixtureError,
+    Trial,
+    child_env,
+    free_port,
+    kill_tree,
+    round_robin,
+    run,
+    say,
+    shell_line,
+    trial_rng,
+    verdict,
+)
 from bench.reliability.jobs import SIZE, Workspace
 
 CATEGORY = "flags"
@@ -253,7 +266,7 @@ def fuzz_trial(ws: Workspace, worker: Worker, k: int, cmd: str, param, value: st
     else:
         answer = worker.call(argv, scratch, TIMEOUT)
     status, ok = verdict(answer["rc"], answer["stderr"])
-    lines = [l for l in answer["stderr"].splitlines() if l.strip()]
+    lines = [ln for ln in answer["stderr"].splitlines() if ln.strip()]
     shown = f": {lines[-1][:160]}" if status == "user-error" else ""
     detail = f"{opt}={value!s} -> {status}{shown}"
     return Trial(CATEGORY, case, ok, detail, [shell_line([*EDITKIT, *argv], scratch)], "\n".join(lines[-8:]) if not ok

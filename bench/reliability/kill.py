@@ -12,8 +12,20 @@ import shutil
 import time
 from pathlib import Path
 
-from bench.reliability.core import FixtureError, Trial, blocked, finish, kill_tree, round_robin, run, say, start, \
-    temp_leftovers, trial_rng, verdict
+from bench.reliability.core import (
+    FixtureError,
+    Trial,
+    blocked,
+    finish,
+    kill_tree,
+    round_robin,
+    run,
+    say,
+    start,
+    temp_leftovers,
+    trial_rng,
+    verdict,
+)
 from bench.reliability.jobs import JOBS, Workspace
 
 CATEGORY = "kill"

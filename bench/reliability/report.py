@@ -55,7 +55,7 @@ def markdown(category: str, trials: list[Trial], meta: dict) -> str:
             example = next(t for t in stopped if t.detail == reason)
             lines.append(f"- {k} x {reason}" + (f" — `{example.commands[0]}`" if example.commands else ""))
             if example.stderr_tail:
-                lines += ["  ```", *["  " + l for l in example.stderr_tail.splitlines()], "  ```"]
+                lines += ["  ```", *["  " + ln for ln in example.stderr_tail.splitlines()], "  ```"]
     return "\n".join(lines) + "\n"
 
 

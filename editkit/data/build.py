@@ -27,10 +27,10 @@ from editkit.data.records import EditRecord
 from editkit.data.tools import plain_name, where
 from editkit.errors import UserError
 from editkit.utils.atomic import atomic_path, remove_stale_temp
-from editkit.utils.fingerprint import FILE_NAME as FINGERPRINT, claim_folder, records_stamp
+from editkit.utils.fingerprint import FILE_NAME as FINGERPRINT
+from editkit.utils.fingerprint import claim_folder, records_stamp
 from editkit.utils.progress import console, parallel_map
 from editkit.utils.runinfo import write_run_manifest
-
 
 MAX_AREA = 4096 * 4096  # beyond this --area is a typo (1e11 would ask for a 300 GB image)
 

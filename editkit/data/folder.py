@@ -118,7 +118,8 @@ def parse_layout(dirs: dict[str, Path | None], prompts: Path, fields: dict[str, 
             problems.append(err)
             continue
         if not record.id:
-            problems.append(RowError(row.where, "id", "missing-id", "is missing; the folder layout matches images by id"))
+            problems.append(RowError(row.where, "id", "missing-id",
+                                     "is missing; the folder layout matches images by id"))
             continue
         if record.id in seen:
             problems.append(RowError(row.where, "id", "duplicate-id",
@@ -168,7 +169,8 @@ def write_folder(records: list[EditRecord], out: Path) -> None:
             if len(record.sources) == 1:
                 placed.sources = [tmp / "sources" / f"{name}{record.sources[0].suffix.lower()}"]
             else:
-                placed.sources = [tmp / "sources" / name / f"{k:02d}{p.suffix.lower()}" for k, p in enumerate(record.sources)]
+                placed.sources = [tmp / "sources" / name / f"{k:02d}{p.suffix.lower()}"
+                                  for k, p in enumerate(record.sources)]
             for src, dest in zip(record.sources, placed.sources):
                 _place(Path(src), dest)
             for sub, attr in (("targets", "target"), ("masks", "mask"), ("ref_gt", "ref_gt")):

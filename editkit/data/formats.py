@@ -77,7 +77,8 @@ def container_of(path: Path) -> str:
     try:
         return CONTAINERS[path.suffix.lower()]
     except KeyError:
-        raise UserError(f"{path}: unknown manifest extension {path.suffix!r}; use .json, .jsonl, .csv or a folder") from None
+        raise UserError(f"{path}: unknown manifest extension {path.suffix!r}; "
+                        "use .json, .jsonl, .csv or a folder") from None
 
 
 def read_rows(path: Path) -> Iterator[Row]:
@@ -328,7 +329,8 @@ def parse_table(path: Path, schema: str | None = None, fields: dict[str, str] | 
         if record.id is not None:
             if record.id in first_seen:
                 problems.append(RowError(row.where, column_name(SCHEMAS[schema], "id", fields), "duplicate-id",
-                                         f"id {record.id!r} already used at {first_seen[record.id]}; ids must be unique"))
+                                         f"id {record.id!r} already used at {first_seen[record.id]}; "
+                                         "ids must be unique"))
                 continue
             first_seen[record.id] = row.where
         good.append((row.where, record))

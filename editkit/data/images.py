@@ -47,7 +47,8 @@ def _check_local_file(path: str | os.PathLike, what: str) -> Path:
         raise UserError(f"{text}: {what} is a URL; editkit does not download files — save it locally and give the path")
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{p}: {what} file not found; check the path (relative paths resolve against the manifest's folder)")
+        raise UserError(f"{p}: {what} file not found; check the path "
+                        "(relative paths resolve against the manifest's folder)")
     return p
 
 

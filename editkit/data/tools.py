@@ -9,7 +9,6 @@ from pathlib import Path
 from editkit.data.records import EditRecord
 from editkit.errors import UserError
 
-
 SPLIT_EXTENSIONS = ("jsonl", "json", "csv")
 
 

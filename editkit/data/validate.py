@@ -125,7 +125,8 @@ def validate_manifest(path: str | os.PathLike, format: str | None = None, fields
     names = _field_names(fmt, fields)
     for where, record in good:
         if not record.instruction.strip():
-            problems.append(Problem(where, names["instruction"], "empty-instruction", "is empty; write the edit instruction"))
+            problems.append(Problem(where, names["instruction"], "empty-instruction",
+                                    "is empty; write the edit instruction"))
     if check_images:
         problems += _image_problems(good, names, workers, progress)
     errors = sorted((p for p in problems if not p.warning), key=lambda p: _place(p.where))

@@ -185,8 +185,8 @@ def infer_command(
 ) -> None:
     """Edit a whole dataset; sharded across processes (torchrun / accelerate launch), resumable."""
     from editkit.data import read_manifest
-    from editkit.data.manifest import parse_field_overrides
     from editkit.data.bad_records import bad_summary
+    from editkit.data.manifest import parse_field_overrides
     from editkit.infer.dataset_run import DatasetRunConfig, check_out_folder, parse_cfgs, run_dataset
     from editkit.utils import dist
 

@@ -189,7 +189,8 @@ def fuse_block_ops(model) -> None:
         block.attn.set_processor(processor)
     for module in transformer.modules():
         cuda = module.__class__ is GELU and module.proj.weight.is_cuda
-        if cuda and module.approximate == "tanh" and type(module.proj) is torch.nn.Linear and module.proj.bias is not None:
+        if (cuda and module.approximate == "tanh"
+                and type(module.proj) is torch.nn.Linear and module.proj.bias is not None):
             module.forward = types.MethodType(_gelu_tanh_epilogue, module)
     transformer._editkit_fused = True
 

@@ -25,7 +25,8 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"),
+                                    purge_step=resume_step + 1 if resume_step else None)
         self.wandb = None
         if wandb:
             try:

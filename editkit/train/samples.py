@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from editkit.data.images import bucket_for, load_image, load_mask, oriented_size, resize_to_bucket
-from editkit.infer.sampler import bridge_start
 from editkit.data.records import EditRecord
 from editkit.errors import UserError
+from editkit.infer.sampler import bridge_start
 
 Size = tuple[int, int]
 
