@@ -160,7 +160,11 @@ def test_cached_and_online_training_give_the_same_loss(cache_dir, synth, tmp_pat
     for source, indices in ((task.sources[0], [0, 1]), (cached, [cached.ids.index(i) for i in ids])):
         g = torch.Generator().manual_seed(3)
         losses.append(task.loss(task.make_batch(source, indices, g), g).loss.item())
-    assert losses[0] == losses[1]
+    # Same record, same noise, but the cache encoded its records in batches (build_cache's batch_size)
+    # and the online source one at a time: float32 matmuls of other shapes block (round) differently,
+    # a few ulps (~1e-7 relative) per op through the VLM, VAE and transformer (measured: 8e-8). 1e-5
+    # allows that and still fails on a real difference (other records or other noise: >1e-2).
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_lbm_run_with_sub_stream_and_pixel_loss(cache_dir, tmp_path):

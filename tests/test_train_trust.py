@@ -126,7 +126,8 @@ def test_cli_refuses_a_rerun_in_one_line(cache_dir, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     proc = subprocess.run([sys.executable, "-m", "editkit", "train", str(configs / "a.yaml")], cwd=elsewhere,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"editkit: error: {tmp_path / 'project' / 'runs' / 'a'}: holds")

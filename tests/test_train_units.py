@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from editkit.errors import UserError
+from editkit.infer.sampler import dynamic_shift_mu
+from editkit.models.qwen_image_edit import QWEN_IMAGE_SCHEDULER
 from editkit.train import checkpoint as ckpt
 from editkit.train.config import ObjectiveConfig, OptimConfig, TimestepConfig, load_config
 from editkit.train.objectives import bridge_point, flow_matching_loss, lbm_loss, mask_weight_map
 from editkit.train.optim import build_optimizer, build_schedule, clips_gradients, eval_mode, train_mode
-from editkit.models.qwen_image_edit import QWEN_IMAGE_SCHEDULER
-from editkit.infer.sampler import dynamic_shift_mu
 from editkit.train.timesteps import exponential_shift, loss_weights, sample_sigmas
 
 
@@ -155,7 +155,8 @@ def test_adamw_schedule_and_prodigy_modes():
     opt = build_optimizer([p], OptimConfig(lr=0.1, warmup_steps=2))
     sched = build_schedule(opt, OptimConfig(lr=0.1, warmup_steps=2), 10)
     assert opt.param_groups[0]["lr"] == 0.0
-    opt.step(); sched.step()
+    opt.step()
+    sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
     assert clips_gradients(OptimConfig()) and not clips_gradients(OptimConfig(name="prodigy_sf"))
     q = torch.nn.Parameter(torch.zeros(3))
@@ -174,7 +175,9 @@ def test_adamw_schedule_and_prodigy_modes():
 
 def test_checkpoint_roundtrip_keep_last_and_rng(tmp_path):
     g = torch.Generator().manual_seed(1)
-    random.seed(5); np.random.seed(5); torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
     state = ckpt.capture_rng(g)
     expected = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=g).item())
     for step in (1, 2, 3):
@@ -212,30 +215,35 @@ def test_example_configs_validate():
 
 def test_unused_last_block_modules_are_left_out():
     """The last block's text output is discarded: those weights get no gradient, so editkit freezes them."""
+    from editkit.models.families import get_family
     from editkit.models.tiny import build_tiny
     from editkit.train.config import ModelSection
-    from editkit.train.trainable import lora_target_modules, setup_trainable, unused_module_names
+    from editkit.train.trainable import lora_target_modules, setup_trainable
 
-    transformer = build_tiny("qwen-image-edit-2511").transformer
+    family = get_family("qwen-image-edit-2511")
+    transformer = build_tiny(family.name).transformer
     last = len(transformer.transformer_blocks) - 1
     hidden = torch.randn(1, 32, transformer.config.in_channels)
     text = torch.randn(1, 5, transformer.config.joint_attention_dim)
     transformer(hidden, text, torch.ones(1, 5), torch.tensor([0.5]), [[(1, 4, 4), (1, 4, 4)]]).sample.sum().backward()
     no_grad = {n.rsplit(".", 1)[0] for n, p in transformer.named_parameters() if p.grad is None}
-    unused = unused_module_names(transformer)
+    unused = family.unused_modules(transformer)
     assert {m for m in no_grad} == {f"transformer_blocks.{last}.attn.to_add_out",
                                     f"transformer_blocks.{last}.txt_mlp.net.0.proj",
                                     f"transformer_blocks.{last}.txt_mlp.net.2"}
     assert all(any(n == u or n.startswith(u + ".") for u in unused) for n in no_grad)
-    targets = lora_target_modules(transformer, "default")
+    targets = lora_target_modules(transformer, "default", family)
     assert f"transformer_blocks.{last}.attn.to_add_out" not in targets
     assert "transformer_blocks.0.attn.to_add_out" in targets and "img_in" not in targets
-    assert {"img_in", "txt_in", "proj_out"} <= set(lora_target_modules(transformer, "expanded"))
-    assert lora_target_modules(transformer, ["*.attn.to_q"]) == [f"transformer_blocks.{i}.attn.to_q" for i in range(last + 1)]
-    with pytest.raises(UserError, match="matches no Linear"):
-        lora_target_modules(transformer, ["nothing_*"])
+    assert {"img_in", "txt_in", "proj_out"} <= set(lora_target_modules(transformer, "expanded", family))
+    assert lora_target_modules(transformer, ["*.attn.to_q"], family) == [
+        f"transformer_blocks.{i}.attn.to_q" for i in range(last + 1)]
+    linear = {n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(lora_target_modules(transformer, "all-linear", family)) == linear - no_grad
+    with pytest.raises(UserError, match="matches no Linear.*use default, expanded, all-linear"):
+        lora_target_modules(transformer, ["nothing_*"], family)
     full = build_tiny("qwen-image-edit-2511").transformer
-    info = setup_trainable(full, ModelSection(mode="full"))
+    info = setup_trainable(full, ModelSection(mode="full"), family)
     frozen = {n for n, p in full.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, _ in full.named_parameters() if n.rsplit(".", 1)[0] in no_grad}
     assert info["trainable_params"] == sum(p.numel() for p in full.parameters()) - sum(

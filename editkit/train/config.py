@@ -283,20 +283,16 @@ def _absolute(value, base: Path):
     return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
 
 
-def _is_tiny(spec) -> bool:
-    from editkit.models.loading import TINY_PREFIX
-
-    return isinstance(spec, str) and (spec == TINY_PREFIX or spec.startswith(TINY_PREFIX + ":"))
-
-
 def absolute_paths(raw: dict, base: str | Path) -> dict:
     """A copy of a raw config whose relative paths are made absolute against base."""
+    from editkit.models.loading import is_tiny_spec
+
     base = Path(base).absolute()
     out = dict(raw)
     for key in ("transformer", "output_dir"):
         if key in raw:
             out[key] = _absolute(raw[key], base)
-    if "model" in raw and not _is_tiny(raw["model"]):
+    if "model" in raw and not is_tiny_spec(raw["model"]):
         out["model"] = _absolute(raw["model"], base)
     data = raw.get("data")
     if isinstance(data, dict):

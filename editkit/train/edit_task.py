@@ -14,8 +14,15 @@ from editkit.data.records import EditRecord
 from editkit.errors import UserError
 from editkit.train.config import DataConfig, TrainConfig
 from editkit.train.objectives import LossOutput, flow_matching_loss, lbm_loss
-from editkit.train.samples import (TrainBatch, can_reverse, collate, encode_record, reverse_sample, sample_key,
-                                   white_latents)
+from editkit.train.samples import (
+    TrainBatch,
+    can_reverse,
+    collate,
+    encode_record,
+    reverse_sample,
+    sample_key,
+    white_latents,
+)
 from editkit.train.trainable import setup_trainable
 
 LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "comfyui": "lora_comfyui.safetensors",
@@ -59,7 +66,8 @@ class _CachedSource:
             raise UserError(f"{folder}: the cache holds no records; run `editkit cache` first")
         self.keys = [self.reader.key(i) for i in self.ids]
         # stand-in records for the mixing sampler: the id and the number of source images
-        self.records = [EditRecord(id=i, instruction="", sources=[Path()] * len(k[1])) for i, k in zip(self.ids, self.keys)]
+        self.records = [EditRecord(id=i, instruction="", sources=[Path()] * len(k[1]))
+                        for i, k in zip(self.ids, self.keys)]
 
     def get(self, i: int) -> dict[str, torch.Tensor]:
         return self.reader.get(self.ids[i])
@@ -146,7 +154,8 @@ def load_edit_model(cfg: TrainConfig, device):
 
 
 class EditTask:
-    """Model, data and loss of the edit stage; the loop (editkit.train.trainer) drives it."""
+    """Model, data and loss of the edit stage (an editkit.train.task.Task); the loop
+    (editkit.train.trainer) drives it."""
 
     def __init__(self, cfg: TrainConfig, device, rank: int = 0, world: int = 1):
         from editkit.data.images import make_buckets
@@ -167,7 +176,7 @@ class EditTask:
             weights = [d.weight for d in cfg.data.train]
         self.sampler = mixing_sampler(self.sources, weights, cfg.data.batch_size, cfg.seed, rank, world)
         self.val = _OnlineSource(cfg.data.val, self.model, buckets, keep=True, fields=fields) if cfg.data.val else None
-        self.info = setup_trainable(self.model.transformer, cfg.train)
+        self.info = setup_trainable(self.model.transformer, cfg.train, self.model.family)
         if cfg.data.cache and not self._needs_encoders():
             self.model = self.model.without_encoders()  # the cache replaces them; free the memory
         dtype = torch.float32 if cfg.train.trainable_dtype == "fp32" else torch.bfloat16

@@ -1,10 +1,11 @@
 """What to train: LoRA on the transformer (peft), full fine-tuning, extra modules unfrozen by name.
 
-The last transformer block's text-stream output is never used (the model keeps only the image
-stream after the final block), so `attn.to_add_out` and `txt_mlp` of that block never receive a
-gradient. editkit leaves them out of LoRA targets and freezes them in full fine-tuning: DDP then
-needs no `find_unused_parameters` (which costs an extra graph walk every step) and no optimiser
-slot is spent on weights that cannot learn.
+Which modules a named LoRA preset (`train.lora.targets: default | expanded`) covers is a fact of
+the model family (`family.lora_targets`), and so is which modules never receive a gradient
+(`family.unused_modules(transformer)`: for Qwen-Image the last block's text stream, whose output
+the model discards). editkit leaves those out of LoRA targets and freezes them in full
+fine-tuning: DDP then needs no `find_unused_parameters` (which costs an extra graph walk every
+step) and no optimiser slot is spent on weights that cannot learn.
 """
 
 from __future__ import annotations
@@ -17,20 +18,7 @@ from torch import nn
 from editkit.errors import UserError
 from editkit.train.config import ModelSection
 
-# DiffSynth-Studio's Qwen-Image LoRA targets (module-name suffixes).
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
-                   "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1")
-# The 2511 workflows add the input/output projections.
-EXPANDED_TARGETS = DEFAULT_TARGETS + ("img_in", "txt_in", "proj_out")
-
-
-def unused_module_names(transformer: nn.Module) -> list[str]:
-    """Modules of the last block's text stream whose output the model discards."""
-    blocks = getattr(transformer, "transformer_blocks", None)
-    if not blocks:
-        return []
-    last = f"transformer_blocks.{len(blocks) - 1}"
-    return [f"{last}.attn.to_add_out", f"{last}.txt_mlp"]
+ALL_LINEAR = "all-linear"
 
 
 def _is_unused(name: str, unused: list[str]) -> bool:
@@ -44,33 +32,35 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def lora_target_modules(transformer: nn.Module, targets: str | list[str]) -> list[str]:
-    """Full names of the Linear modules a LoRA goes on, without the unused last-block text modules."""
-    if targets == "default":
-        patterns = list(DEFAULT_TARGETS)
-    elif targets == "expanded":
-        patterns = list(EXPANDED_TARGETS)
-    elif targets == "all-linear":
+def lora_target_modules(transformer: nn.Module, targets: str | list[str], family) -> list[str]:
+    """Full names of the Linear modules a LoRA goes on, without the family's unused modules.
+
+    `targets`: a preset of `family.lora_targets`, "all-linear", or module-name patterns.
+    """
+    if isinstance(targets, str) and targets in family.lora_targets:
+        patterns = list(family.lora_targets[targets])
+    elif targets == ALL_LINEAR:
         patterns = ["*"]
     elif isinstance(targets, str):
         patterns = [targets]
     else:
         patterns = list(targets)
-    unused = unused_module_names(transformer)
+    unused = family.unused_modules(transformer)
     names = [n for n, m in transformer.named_modules()
              if isinstance(m, nn.Linear) and not _is_unused(n, unused) and any(_matches(n, p) for p in patterns)]
     if not names:
         raise UserError(f"train.lora.targets: {targets!r} matches no Linear module of the transformer; "
-                        "use default, expanded, all-linear or module-name patterns such as '*.attn.to_q'")
+                        f"use {', '.join([*family.lora_targets, ALL_LINEAR])} or module-name patterns such as "
+                        "'*.attn.to_q'")
     return names
 
 
-def add_lora(transformer: nn.Module, section: ModelSection) -> list[str]:
+def add_lora(transformer: nn.Module, section: ModelSection, family) -> list[str]:
     """Freeze the transformer and add a peft LoRA adapter ("default"); returns the target modules."""
     from peft import LoraConfig
 
     cfg = section.lora
-    targets = lora_target_modules(transformer, cfg.targets)
+    targets = lora_target_modules(transformer, cfg.targets, family)
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(
         r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank, lora_dropout=cfg.dropout,
@@ -94,16 +84,19 @@ def unfreeze(model: nn.Module, patterns: list[str]) -> list[str]:
     return names
 
 
-def setup_trainable(transformer: nn.Module, section: ModelSection) -> dict:
-    """Apply train.mode (lora / full) and train.unfreeze; freeze the unused last-block text modules."""
+def setup_trainable(transformer: nn.Module, section: ModelSection, family) -> dict:
+    """Apply train.mode (lora / full) and train.unfreeze; freeze the family's unused modules.
+
+    `family`: the model family (`EditModel.family`), for its LoRA presets and unused modules.
+    """
     info: dict = {"mode": section.mode}
     if section.mode == "lora":
-        info["lora_targets"] = add_lora(transformer, section)
+        info["lora_targets"] = add_lora(transformer, section, family)
     else:
         transformer.requires_grad_(True)
     if section.unfreeze:
         info["unfrozen"] = unfreeze(transformer, section.unfreeze)
-    for name in unused_module_names(transformer):
+    for name in family.unused_modules(transformer):
         transformer.get_submodule(name).requires_grad_(False)
     if section.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()

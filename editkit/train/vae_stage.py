@@ -97,6 +97,8 @@ def image_paths(manifests: list[str], fields: dict[str, str] | None = None) -> l
 
 
 class VaeTask:
+    """Model, data and loss of the vae stage (an editkit.train.task.Task)."""
+
     def __init__(self, cfg: TrainConfig, device, rank: int = 0, world: int = 1):
         self.cfg = cfg
         self.device = device
@@ -186,3 +188,8 @@ class VaeTask:
         vae.save_pretrained(folder / "vae")
         vae.train(was_training)
         return [folder / "vae"]
+
+    def export_gathered(self, trainable: dict[str, torch.Tensor], folder: Path, step: int) -> list[Path] | None:
+        """None: the latent statistics of an export need the whole module; a sharded run's
+        checkpoint (trainable.safetensors) holds the VAE's weights."""
+        return None
