@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import sys
 import time
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.fullsize import LORA_TARGETS, PRESETS, bench_dtype, build_components, build_transformer  # noqa: E402
+from bench.fullsize import PRESETS, bench_dtype, build_model, build_transformer, lora_targets  # noqa: E402
 from editkit.models import accel  # noqa: E402
 
 GiB = 2**30
@@ -186,15 +185,15 @@ class DitInputs:
     def __init__(self, run: Run, text_tokens: int | None = None, neg_tokens: int | None = None):
         p, d = run.preset, run.device
         g = torch.Generator(device=d).manual_seed(1)
-        n, dim = p.tokens_per_image(), p.transformer["joint_attention_dim"]
+        n, dim = p.tokens_per_image(), p.arch.transformer["joint_attention_dim"]
         lt = text_tokens or p.text_tokens
 
         def randn(*shape):
             return torch.randn(*shape, generator=g, device=d, dtype=bench_dtype(d))
 
         self.num_target = n
-        self.latents = randn(1, n, p.transformer["in_channels"])
-        self.cond = randn(1, n, p.transformer["in_channels"])
+        self.latents = randn(1, n, p.arch.transformer["in_channels"])
+        self.cond = randn(1, n, p.arch.transformer["in_channels"])
         self.pos = randn(1, lt, dim)
         self.neg = randn(1, neg_tokens or lt, dim)
         side = p.size // 16
@@ -241,7 +240,7 @@ def cfg_step_batched(tr, x: DitInputs):
 
 def dit_flops(run: Run, batch: int = 1) -> float:
     """Matmul + attention FLOPs of one forward (the modulation linears are negligible)."""
-    p = run.preset.transformer
+    p = run.preset.arch.transformer
     d = p["attention_head_dim"] * p["num_attention_heads"]
     n = run.preset.total_tokens()
     per_token = (4 * d * d + 2 * d * 4 * d) * 2  # qkv + out, MLP (4x), as multiply-adds x2
@@ -440,7 +439,7 @@ def add_lora(tr, rank: int = 64):
     """PEFT LoRA on DiffSynth's default targets; B gets small random values so every grad is non-zero."""
     from peft import LoraConfig
 
-    tr.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=True))
+    tr.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(lora_targets()), init_lora_weights=True))
     g = torch.Generator(device="cpu").manual_seed(2)
     params = []
     for name, p in tr.named_parameters():
@@ -566,24 +565,21 @@ def source_image(run: Run):
 def section_e2e(run: Run) -> None:
     from diffusers import QwenImageEditPlusPipeline
 
-    from editkit.models.qwen_image_edit import QwenImageEditModel as EditModel, _make_processor
-    from editkit.models.families import get_family
-
-    comps = build_components(run.preset, run.device)
     image = source_image(run)
     side, steps = run.preset.size, run.args.steps
+    # the pipeline and editkit's engine share the networks of one model; sources at the output size
+    model = build_model(run.preset, run.device, areas={"vae_image_area": side * side, "output_area": side * side})
     prompt = "Replace the red car in the picture with a blue bicycle and keep the background unchanged."
     negative = " "
-    processor = _make_processor(comps["image_processor"], comps["tokenizer"])
     pipe = QwenImageEditPlusPipeline(
-        scheduler=comps["scheduler"], vae=comps["vae"], text_encoder=comps["text_encoder"],
-        tokenizer=comps["tokenizer"], processor=processor, transformer=comps["transformer"],
+        scheduler=model.scheduler, vae=model.vae, text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer, processor=model.processor, transformer=model.transformer,
     )
     pipe.set_progress_bar_config(disable=True)
     if run.preset.name != "full":
         import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
 
-        plus.CONDITION_IMAGE_SIZE, plus.VAE_IMAGE_SIZE = run.preset.vlm_image_area, side * side
+        plus.CONDITION_IMAGE_SIZE, plus.VAE_IMAGE_SIZE = model.vlm_image_area, model.vae_image_area
 
     def run_pipe(n):
         return pipe(image=[image], prompt=prompt, negative_prompt=negative, true_cfg_scale=CFG_SCALE,
@@ -592,8 +588,7 @@ def section_e2e(run: Run) -> None:
 
     # The in-memory byte-level tokenizer spells the system prompt in more than the real tokenizer's
     # 64 tokens; drop exactly that prompt in the pipeline too, so both see the same text tokens.
-    pipe.prompt_template_encode_start_idx = len(comps["tokenizer"](get_family("qwen-image-edit-2511").system_prompt)
-                                                ["input_ids"])
+    pipe.prompt_template_encode_start_idx = model.drop_idx
 
     def timed_pair(name, fn):
         """Seconds for `steps` and for 2 steps: per-step cost and fixed (encode + decode) cost."""
@@ -615,10 +610,6 @@ def section_e2e(run: Run) -> None:
         ref, row = timed_pair("diffusers", run_pipe)
         run.record("e2e", f"diffusers QwenImageEditPlusPipeline {steps} steps", **row)
         base_s = row["s"]
-        model = EditModel(get_family("qwen-image-edit-2511"), comps["transformer"], comps["vae"],
-                          comps["text_encoder"], comps["tokenizer"], comps["image_processor"], comps["scheduler"],
-                          vlm_image_area=run.preset.vlm_image_area, vae_image_area=side * side,
-                          output_area=side * side)
         from editkit.infer.engine import EditRequest, Engine
 
         accel.apply_accel(model, accel.Accel(compile=run.args.compile))
@@ -636,7 +627,7 @@ def section_e2e(run: Run) -> None:
         got = torch.from_numpy(np.asarray(out[0], dtype=np.float32) / 255).permute(2, 0, 1)
         run.record("e2e", f"editkit Engine.edit {steps} steps", **row, speedup=base_s / row["s"],
                    pixel_err=rel_err(got, ref[0].float().cpu()))
-    del pipe, model, engine, comps
+    del pipe, model, engine
     torch._dynamo.reset()
     run.free()
 
@@ -644,16 +635,10 @@ def section_e2e(run: Run) -> None:
 def section_lowmem(run: Run) -> None:
     """editkit's low-memory mode (group offload, lossless) under a 24 GiB cap on the same GPU."""
     from editkit.infer.engine import EditRequest, Engine
-    from editkit.models.qwen_image_edit import QwenImageEditModel as EditModel
-    from editkit.models.families import get_family
 
-    comps = build_components(run.preset, run.device)
     side, steps = run.preset.size, run.args.lowmem_steps
-    model = EditModel(get_family("qwen-image-edit-2511"), comps["transformer"], comps["vae"], comps["text_encoder"],
-                      comps["tokenizer"], comps["image_processor"], comps["scheduler"],
-                      vlm_image_area=run.preset.vlm_image_area, vae_image_area=side * side, output_area=side * side)
+    model = build_model(run.preset, run.device, areas={"vae_image_area": side * side, "output_area": side * side})
     accel.apply_accel(model, accel.Accel(compile=False, offload="group"))
-    del comps
     run.free()
     cap = run.args.lowmem_gib
     if run.cuda:

@@ -6,10 +6,10 @@ Sub-commands (each prints a readable line or table; results are JSON):
                 GPU and saved as a diffusers-format folder that `editkit.models.load_model` loads
   infer         `editkit.infer.dataset_run.run_dataset` through the real editkit path, one process
                 per GPU (torchrun); times the editing only and appends a JSON line to
-                OUT/multi_gpu.jsonl; optionally builds a training cache with the loaded model
+                OUT/multi_gpu.jsonl; optionally then builds a training cache
   summary       markdown table of a multi_gpu.jsonl: images/s and speed-up of each world size vs 1
-  train-config  an editkit training YAML: LoRA r64 on DiffSynth's default targets, batch 1,
-                gradient checkpointing, from a cache folder
+  train-config  an editkit training YAML (configs/lora_2511.yaml, changed for timing): LoRA r64 on
+                DiffSynth's default targets, batch 1, gradient checkpointing, from a cache folder
   summary-train steps/s and samples/s of editkit training runs (one per world size), speed-up vs 1
 
 On the GPU machine (2 GPUs; wheels in .whl/ as in docs/benchmarks.md; editkit from the working
@@ -28,8 +28,9 @@ tree), results straight into $OUT (big outputs stay in /tmp):
   python3 bench/multi_gpu.py summary $J          # both tables, speed-ups vs 1 GPU
 
 The infer runs write their edits to a fresh folder per setting (OUT/edits/ws<N>-...), so runs at
-several world sizes can share --out. The cache is built after the timed editing, by the already
-loaded model on every rank (sharded), at the folder's VAE view (1024x1024 for the full preset).
+several world sizes can share --out. The cache is built after the timed editing on every rank
+(sharded), by the model loaded again as the trainer loads it: sources at the folder's VAE view
+(1024x1024 for the full preset), not at --size.
 
 CPU test of every sub-command on the tiny preset: tests/test_bench_multi_gpu.py.
 """
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import gc
 import json
 import math
 import os
@@ -74,23 +76,19 @@ def _gib(n_bytes: float) -> float:
 
 
 def save_model(preset_name: str, out: str | Path, device: str | None = None, seed: int = 0,
-               max_shard_size: str = "20GB", force: bool = False) -> dict:
-    """Build `preset_name`'s components with random weights on `device` and save a model folder.
+               force: bool = False) -> dict:
+    """Build `preset_name`'s model with random weights on `device` and save it as a model folder.
 
-    Layout as `editkit.models.loading.save_tiny`: transformer/, vae/, text_encoder/ (safetensors),
-    tokenizer/, processor/ (tokenizer + image processor), scheduler/, model_index.json with
-    `_editkit_family` and the view areas. bf16 on a GPU, float32 on the CPU. The big components
-    are written in parallel threads. A folder this command wrote for the same preset and seed is
-    kept unless `force`.
+    `editkit.models.presets` builds it (bf16 on a GPU, float32 on the CPU) and
+    `editkit.models.loading.save_model` writes it, as `save_tiny` does, with the preset and seed
+    in model_index.json: a folder this command wrote for the same preset and seed is kept
+    unless `force`.
     """
-    import concurrent.futures
-
     import torch
 
-    from bench.fullsize import PRESETS, bench_dtype, build_components
-    from editkit.models.families import get_family
-    from editkit.models.loading import inspect_folder, model_index
-    from editkit.utils.atomic import atomic_dir
+    from bench.fullsize import PRESETS, bench_dtype, build_model
+    from editkit.models.loading import inspect_folder
+    from editkit.models.loading import save_model as write_model
 
     if preset_name not in PRESETS:
         raise UserError(f"--preset {preset_name!r}: use one of {', '.join(PRESETS)}")
@@ -108,52 +106,26 @@ def save_model(preset_name: str, out: str | Path, device: str | None = None, see
                    "gib_on_disk": _gib(_folder_bytes(out))}
             print(f"save-model: {out} already holds preset {preset.name} (seed {seed}); kept (--force rewrites)")
             return row
-    family = get_family("qwen-image-edit-2511")
     dtype = bench_dtype(device)
 
     t0 = time.perf_counter()
-    comps = build_components(preset, device, seed)
+    model = build_model(preset, device, seed)
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
-    params = {name: sum(p.numel() for p in comps[name].parameters()) for name in ("transformer", "vae", "text_encoder")}
+    params = {name: sum(p.numel() for p in module.parameters()) for name, module in model.modules().items()}
 
     t1 = time.perf_counter()
-    with atomic_dir(out) as tmp:
-        jobs = {
-            "transformer": lambda: comps["transformer"].save_pretrained(
-                tmp / "transformer", safe_serialization=True, max_shard_size=max_shard_size),
-            "text_encoder": lambda: comps["text_encoder"].save_pretrained(
-                tmp / "text_encoder", max_shard_size=max_shard_size),
-            "vae": lambda: comps["vae"].save_pretrained(tmp / "vae", safe_serialization=True),
-        }
-        seconds = {}
-
-        def timed(name):
-            start = time.perf_counter()
-            jobs[name]()
-            seconds[name] = round(time.perf_counter() - start, 2)
-
-        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-            for future in [pool.submit(timed, name) for name in jobs]:
-                future.result()
-        comps["tokenizer"].save_pretrained(tmp / "tokenizer")
-        comps["tokenizer"].save_pretrained(tmp / "processor")
-        comps["image_processor"].save_pretrained(tmp / "processor")
-        comps["scheduler"].save_pretrained(tmp / "scheduler")
-        areas = {"vlm_image_area": preset.vlm_image_area, "vae_image_area": preset.size ** 2,
-                 "output_area": preset.size ** 2}
-        index = model_index(family.name, areas, bench_preset=preset.name, bench_seed=seed)
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_model(model, out, extra={"bench_preset": preset.name, "bench_seed": seed})
     save_s = time.perf_counter() - t1
     inspect_folder(out, None, None)  # what load_model checks first
     size = _folder_bytes(out)
     row = {"kind": "save-model", "preset": preset.name, "out": str(out), "device": str(device), "dtype": str(dtype),
            "parameters": params, "build_s": round(build_s, 2), "save_s": round(save_s, 2),
-           "save_s_per_component": seconds, "gib_on_disk": _gib(size),
-           "write_gb_s": round(size / 1e9 / save_s, 2) if save_s > 0 else None}
-    print(f"save-model: {preset.name} preset ({sum(params.values()) / 1e6:,.1f} M parameters, {row['gib_on_disk']} GiB) "
-          f"built in {build_s:.1f} s, saved to {out} in {save_s:.1f} s ({row['write_gb_s']} GB/s)")
+           "gib_on_disk": _gib(size), "write_gb_s": round(size / 1e9 / save_s, 2) if save_s > 0 else None}
+    print(f"save-model: {preset.name} preset ({sum(params.values()) / 1e6:,.1f} M parameters, "
+          f"{row['gib_on_disk']} GiB) built in {build_s:.1f} s, saved to {out} in {save_s:.1f} s "
+          f"({row['write_gb_s']} GB/s)")
     print(json.dumps(row))
     return row
 
@@ -347,7 +319,11 @@ def infer(args) -> dict | None:
                   f"{wall:.2f} s, {row['images_per_s']:.3f} img/s, {row['s_per_image']:.2f} s/img; "
                   f"load {row['load_s']:.1f} s, warm-up {row['warmup_s']:.1f} s; {peak} -> {jsonl}", flush=True)
         if args.cache_out:
-            cache_row = _build_cache(args, model, world, out, jsonl)
+            del engine, model  # the cache gets its own model (other views); one in memory at a time
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+            cache_row = _build_cache(args, dtype, world, out, jsonl)
             if row is not None:
                 row["cache"] = cache_row
         return row
@@ -355,16 +331,16 @@ def infer(args) -> dict | None:
         world.close()
 
 
-def _build_cache(args, model, world: _World, out: Path, jsonl: Path) -> dict | None:
-    """An `editkit cache` of synthetic records with the model already loaded (sharded by rank)."""
+def _build_cache(args, dtype: str, world: _World, out: Path, jsonl: Path) -> dict | None:
+    """An `editkit cache` of synthetic records (sharded by rank) with the model loaded as the trainer
+    loads it: sources at the folder's VAE view, where the editing saw them at --size."""
+    from editkit.models import load_model
     from editkit.train.cache import build_cache
 
-    from editkit.models.loading import inspect_folder
-
-    # sources at the VAE view the trainer's load_model gives (the folder's, else the family's), not --size
-    _, _, areas = inspect_folder(Path(args.model), None, None)
-    for key in ("vae_image_area", "output_area"):
-        setattr(model, key, areas.get(key, getattr(model.family, key)))
+    t0 = time.perf_counter()
+    model = load_model(args.model, dtype=dtype, device=world.device)
+    world.sync()
+    load_s = time.perf_counter() - t0
     side = math.isqrt(args.cache_area)
     folder = out / "data" / f"train-n{args.cache_records}-s{side}"
     if world.rank == 0:
@@ -381,7 +357,7 @@ def _build_cache(args, model, world: _World, out: Path, jsonl: Path) -> dict | N
         return None
     row = {"kind": "cache", "time": _now(), "world_size": world.size, "records": sum(counts),
            "area": args.cache_area, "multiple": args.cache_multiple, "out": str(args.cache_out),
-           "seconds": round(seconds, 2)}
+           "seconds": round(seconds, 2), "load_s": round(load_s, 2)}
     _append_jsonl(jsonl, row)
     print(f"multi_gpu cache: {sum(counts)} records at {side}x{side} into {args.cache_out} in {seconds:.1f} s "
           f"({world.size} process(es))", flush=True)
@@ -449,10 +425,11 @@ def infer_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summarize_infer(rows):
         mode = ("accel" if r["accel"] else "eager") + (f", cfg {r['cfg']}" if r.get("true_cfg", True) else ", no CFG")
-        lines.append(f"| {r['world_size']} | {r['images']} | {r['size']}² | {r['steps']} | {mode} | {_fmt(r['edit_s'])} | "
-                     f"{_fmt(r['images_per_s'], 3)} | {_fmt(r['s_per_image'])} | {_fmt(r['gpu_s_per_image'])} | "
-                     f"{_fmt(r['speedup'])}{'x' if r['speedup'] is not None else ''} | {_fmt(r['efficiency'])} | "
-                     f"{_fmt(r['load_s'], 1)} | {_fmt(r['peak_gib'])} | {r.get('device_name', '')} |")
+        lines.append(f"| {r['world_size']} | {r['images']} | {r['size']}² | {r['steps']} | {mode} | "
+                     f"{_fmt(r['edit_s'])} | {_fmt(r['images_per_s'], 3)} | {_fmt(r['s_per_image'])} | "
+                     f"{_fmt(r['gpu_s_per_image'])} | {_fmt(r['speedup'])}{'x' if r['speedup'] is not None else ''} | "
+                     f"{_fmt(r['efficiency'])} | {_fmt(r['load_s'], 1)} | {_fmt(r['peak_gib'])} | "
+                     f"{r.get('device_name', '')} |")
     notes = [f"- save-model: {r['preset']} preset, {r['gib_on_disk']} GiB, built in {r.get('build_s', '—')} s, "
              f"saved in {r.get('save_s', '—')} s" + (" (reused)" if r.get("reused") else "")
              for r in rows if r.get("kind") == "save-model"]
@@ -465,41 +442,47 @@ def infer_table(rows: list[dict]) -> str:
 # ---- train-config -----------------------------------------------------------------------------
 
 
+TRAIN_BASE = REPO / "configs" / "lora_2511.yaml"
+"""The shipped LoRA recipe the scaling runs start from."""
+
+
 def train_config(model: str, cache: str, out: str | Path, steps: int = 10, rank: int = 64, area: int = 1024 * 1024,
                  multiple: int = 32, output_dir: str = "runs/multi-gpu-train",
                  overrides: list[str] | None = None) -> dict:
-    """Write (and validate) the training YAML of the scaling runs; returns the raw config."""
+    """Write (and validate) the training YAML of the scaling runs: TRAIN_BASE with what the timing
+    needs changed (one cache, no validation or previews, a constant lr, no accumulation), then
+    `overrides`; returns the raw config."""
     import yaml
 
-    from editkit.train.config import apply_overrides, validate_config
+    from editkit.train.config import absolute_paths, apply_overrides, validate_config
     from editkit.utils.atomic import write_text
 
     if steps <= SKIP_STEPS:
         raise UserError(f"--steps {steps}: the first {SKIP_STEPS} steps are not timed; use at least {SKIP_STEPS + 2}")
-    raw = {
-        "stage": "edit",
-        "model": str(model),
-        "output_dir": str(output_dir),
-        "seed": 0,
-        "data": {"cache": [str(cache)], "area": area, "multiple": multiple, "batch_size": 1, "instruction": "en"},
-        "train": {"mode": "lora", "lora": {"rank": rank, "alpha": rank, "dropout": 0.0, "targets": "default"},
-                  "gradient_checkpointing": True},
-        "objective": {"kind": "flow_matching"},
-        "optim": {"name": "adamw", "lr": 1.0e-4, "weight_decay": 0.0, "max_grad_norm": 1.0, "schedule": "constant",
-                  "warmup_steps": 0},
-        "loop": {"max_steps": steps, "grad_accum": 1, "mixed_precision": "auto", "checkpoint_every": steps,
-                 "keep_last": 1, "log_every": 1, "validate_every": 0, "preview_every": 0, "tensorboard": False,
-                 "export_lora": False},
+    timing = {
+        "model": str(model), "output_dir": str(output_dir),
+        "data.cache": [str(cache)], "data.val": None, "data.area": area, "data.multiple": multiple,
+        "data.instruction": "en",
+        "train.lora.rank": rank, "train.lora.alpha": rank, "train.lora.targets": "default",
+        "objective.mask_weight": 0.0, "objective.text_dropout": 0.0,
+        "optim.weight_decay": 0.0, "optim.schedule": "constant", "optim.warmup_steps": 0,
+        "loop.max_steps": steps, "loop.grad_accum": 1, "loop.mixed_precision": "auto", "loop.checkpoint_every": steps,
+        "loop.keep_last": 1, "loop.validate_every": 0, "loop.preview_every": 0, "loop.tensorboard": False,
+        "loop.export_lora": False,
     }
+    raw = absolute_paths(yaml.safe_load(TRAIN_BASE.read_text()), TRAIN_BASE.parent)
+    # JSON values are YAML scalars of exactly their type (a folder named 2511 stays a string)
+    raw = apply_overrides(raw, [f"{key}={json.dumps(value)}" for key, value in timing.items()])
     raw = apply_overrides(raw, overrides or [])  # e.g. train.compile=true on a trainer that has it
     validate_config(raw, str(out))
-    header = ("# bench/multi_gpu.py train-config: LoRA r{rank} on DiffSynth's default targets, batch 1, gradient\n"
-              "# checkpointing, {steps} steps from {cache}. One run per world size (give each its own output_dir):\n"
+    header = ("# bench/multi_gpu.py train-config: {base} changed for timing: LoRA r{rank} on DiffSynth's\n"
+              "# default targets, batch 1, gradient checkpointing, {steps} steps from {cache}. One run per world\n"
+              "# size (give each its own output_dir):\n"
               "#   python3 -m editkit train {out} output_dir=RUN-ws1\n"
-              "#   python3 -m accelerate.commands.launch --config_file configs/accelerate/ddp.yaml --num_processes 2 \\\n"
-              "#       -m editkit train {out} output_dir=RUN-ws2\n"
+              "#   python3 -m accelerate.commands.launch --config_file configs/accelerate/ddp.yaml \\\n"
+              "#       --num_processes 2 -m editkit train {out} output_dir=RUN-ws2\n"
               "#   python3 bench/multi_gpu.py summary-train RUN-ws1 RUN-ws2\n").format(
-        rank=rank, steps=steps, cache=cache, out=out)
+        base=TRAIN_BASE.relative_to(REPO), rank=rank, steps=steps, cache=cache, out=out)
     write_text(out, header + yaml.safe_dump(raw, sort_keys=False))
     print(f"train-config: wrote {out} (LoRA r{rank}, {steps} steps, area {area})")
     return raw
@@ -563,7 +546,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max-shard-size", default="20GB", help="shard size (bounds the CPU copy held while writing)")
     s.add_argument("--force", action="store_true", help="rewrite a folder this command already wrote")
     s.add_argument("--jsonl", default=None, help="also append the result row to this JSON-lines file")
 
@@ -615,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None):
     args = build_parser().parse_args(argv)
     if args.command == "save-model":
-        row = save_model(args.preset, args.out, args.device, args.seed, args.max_shard_size, args.force)
+        row = save_model(args.preset, args.out, args.device, args.seed, args.force)
         if args.jsonl:
             _append_jsonl(Path(args.jsonl), {**row, "time": _now()})
         return row

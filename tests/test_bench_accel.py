@@ -55,13 +55,9 @@ def test_unknown_modes_are_user_errors(tiny):
 
 
 def test_split_prompt_lengths_matches_the_masked_batch():
-    from editkit.models.tiny import build_tiny
-    from editkit.models.qwen_image_edit import QwenImageEditModel as EditModel
     from editkit.models.families import get_family
 
-    c = build_tiny("qwen-image-edit-2511", seed=0)
-    model = EditModel(get_family("qwen-image-edit-2511"), c.transformer, c.vae, c.text_encoder, c.tokenizer,
-                      c.image_processor, c.scheduler)
+    model = get_family("qwen-image-edit-2511").build_tiny(seed=0)
     g = torch.Generator().manual_seed(0)
     latents, cond = torch.randn(3, 16, 16, generator=g), torch.randn(3, 16, 16, generator=g)
     embeds = torch.randn(3, 9, 64, generator=g)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bench import multi_gpu
 from editkit.errors import UserError
@@ -33,16 +34,19 @@ def one_process(monkeypatch):
 
 
 def test_saved_folder_loads_with_load_model(tiny_folder):
-    from bench.fullsize import PRESETS
     from editkit.models import load_model
+    from editkit.models.families import get_family
     from editkit.models.loading import describe
 
     model = load_model(tiny_folder, dtype="fp32", device="cpu")
     assert model.family.name == "qwen-image-edit-2511"
-    preset = PRESETS["tiny"]
-    assert model.transformer.config.num_layers == preset.transformer["num_layers"]
-    assert model.vae_image_area == model.output_area == preset.size ** 2
-    assert model.vlm_image_area == preset.vlm_image_area
+    library = get_family("qwen-image-edit-2511").build_tiny(seed=0)  # the folder holds the library's tiny preset
+    for name, module in library.modules().items():
+        want, got = module.state_dict(), model.modules()[name].state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+    assert (model.vlm_image_area, model.vae_image_area, model.output_area) == (64 * 64,) * 3
+    index = json.loads((tiny_folder / "model_index.json").read_text())
+    assert index["_editkit_bench_preset"] == "tiny" and index["_editkit_bench_seed"] == 0
     info = describe(tiny_folder)
     assert info["parameters"]["transformer"] == sum(p.numel() for p in model.transformer.parameters())
     again = multi_gpu.main(["save-model", "--preset", "tiny", "--out", str(tiny_folder)])
@@ -117,17 +121,30 @@ def _fake_run(folder, world, steps, step_seconds=None):
     return folder
 
 
+SCALING_RUN = {
+    "stage": "edit", "seed": 0, "data.val": None, "data.multiple": 32, "data.batch_size": 1, "data.instruction": "en",
+    "train.mode": "lora", "train.lora.rank": 64, "train.lora.alpha": 64.0, "train.lora.dropout": 0.0,
+    "train.lora.targets": "default", "train.gradient_checkpointing": True, "objective.kind": "flow_matching",
+    "objective.timesteps.sampling": "shifted", "objective.mask_weight": 0.0, "objective.text_dropout": 0.0,
+    "objective.image_dropout": 0.0, "optim.name": "adamw", "optim.lr": 1e-4, "optim.weight_decay": 0.0,
+    "optim.max_grad_norm": 1.0, "optim.schedule": "constant", "optim.warmup_steps": 0, "loop.max_steps": 12,
+    "loop.grad_accum": 1, "loop.mixed_precision": "auto", "loop.checkpoint_every": 12, "loop.keep_last": 1,
+    "loop.log_every": 1, "loop.validate_every": 0, "loop.preview_every": 0, "loop.tensorboard": False,
+    "loop.export_lora": False,
+}
+"""The scaling runs' settings (those of the hand-written config the shipped recipe replaced), --steps 12."""
+
+
 def test_train_config_and_summary_train(tmp_path, capsys):
-    from editkit.train.config import load_config
+    from editkit.train.config import _flatten, load_config
 
     cfg_path = tmp_path / "cfg.yaml"
     multi_gpu.main(["train-config", "--model", "/models/x", "--cache", "/tmp/cache", "--out", str(cfg_path),
                     "--steps", "12", "--set", "optim.lr=2e-4"])
     cfg = load_config(cfg_path, [f"output_dir={tmp_path / 'r'}"])
-    assert cfg.train.mode == "lora" and cfg.train.lora.rank == 64 and cfg.train.lora.targets == "default"
-    assert cfg.train.gradient_checkpointing and cfg.data.batch_size == 1 and cfg.data.cache == ["/tmp/cache"]
-    assert cfg.loop.max_steps == 12 and cfg.loop.grad_accum == 1 and not cfg.loop.tensorboard
-    assert cfg.optim.lr == 2e-4
+    flat = _flatten(cfg.model_dump(mode="json"))
+    assert {key: flat[key] for key in SCALING_RUN} == {**SCALING_RUN, "optim.lr": 2e-4}
+    assert cfg.model == "/models/x" and cfg.data.cache == ["/tmp/cache"] and cfg.data.area == 1024 * 1024
     with pytest.raises(UserError, match="unknown field"):
         multi_gpu.train_config("m", "c", tmp_path / "x.yaml", overrides=["train.nope=1"])
     with pytest.raises(UserError, match="--steps"):

@@ -17,7 +17,8 @@ def test_dit_and_train_sections_run_and_match_the_reference(tmp_path):
                               "--sections", "dit,train", "--out", str(tmp_path)])
     assert results["errors"] == []
     dit = _rows(results, "dit")
-    batched = next(row for name, row in dit.items() if name.startswith("editkit eager true-CFG step (batched, attention"))
+    batched = next(row for name, row in dit.items()
+                   if name.startswith("editkit eager true-CFG step (batched, attention"))
     assert batched["err"] < 1e-2  # one batch-2 pass computes the pipeline's two passes
     masked = next(row for name, row in dit.items() if "padded+masked" in name)
     assert masked["err"] < 1e-2  # padding the shorter prompt + a mask changes nothing

@@ -71,3 +71,27 @@ def test_the_sweep_is_bridge_steps_for_lbm_and_cfg_for_flow_matching():
         ("bridge-1-steps", 1.0, 1), ("bridge-4-steps", 1.0, 4)]
     fm = replace(FULL, objective="flow_matching", cfgs=(1, 4.0), sample_steps=8)
     assert [(s.name, s.cfg, s.steps) for s in sweep(fm)] == [("cfg-1.0", 1.0, 8), ("cfg-4.0", 4.0, 8)]
+
+
+def test_the_model_stage_writes_a_folder_with_the_trained_vae_and_demo_views(tmp_path):
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+
+    from editkit.demo.pipeline import Demo
+    from editkit.models import load_model
+    from editkit.models.families import get_family
+
+    demo = Demo(tmp_path / "demo", QUICK, seed=3)
+    torch.manual_seed(0)
+    trained = AutoencoderKLQwenImage(base_dim=8, z_dim=8, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                     temperal_downsample=[False, False])
+    trained.save_pretrained(demo.vae_dir)
+    demo.make_model()
+    model = load_model(demo.model, dtype="fp32", device="cpu")
+    area = QUICK.image_size ** 2
+    assert (model.vlm_image_area, model.vae_image_area, model.output_area) == (area, area, area)
+    assert model.latent_channels == 8 and model.size_multiple == demo.multiple
+    assert all(torch.equal(p, q) for p, q in zip(model.vae.parameters(), trained.parameters()))
+    assert model.transformer.config.num_layers == QUICK.depth and model.transformer.config.zero_cond_t
+    tiny = get_family("qwen-image-edit-2511").build_tiny(seed=3)  # the tiny preset's text encoder, same seed
+    assert all(torch.equal(p, q) for p, q in zip(model.text_encoder.parameters(), tiny.text_encoder.parameters()))

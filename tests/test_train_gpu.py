@@ -22,10 +22,10 @@ def _losses(out):
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_compiled_training_matches_eager(cache_dir, tmp_path, precision):
+    from accelerate.state import AcceleratorState
+
     from editkit.train.config import validate_config
     from editkit.train.trainer import train
-
-    from accelerate.state import AcceleratorState
 
     losses = {}
     for compiled in (False, True):

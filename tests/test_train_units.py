@@ -216,12 +216,11 @@ def test_example_configs_validate():
 def test_unused_last_block_modules_are_left_out():
     """The last block's text output is discarded: those weights get no gradient, so editkit freezes them."""
     from editkit.models.families import get_family
-    from editkit.models.tiny import build_tiny
     from editkit.train.config import ModelSection
     from editkit.train.trainable import lora_target_modules, setup_trainable
 
     family = get_family("qwen-image-edit-2511")
-    transformer = build_tiny(family.name).transformer
+    transformer = family.build_tiny().transformer
     last = len(transformer.transformer_blocks) - 1
     hidden = torch.randn(1, 32, transformer.config.in_channels)
     text = torch.randn(1, 5, transformer.config.joint_attention_dim)
@@ -242,7 +241,7 @@ def test_unused_last_block_modules_are_left_out():
     assert set(lora_target_modules(transformer, "all-linear", family)) == linear - no_grad
     with pytest.raises(UserError, match="matches no Linear.*use default, expanded, all-linear"):
         lora_target_modules(transformer, ["nothing_*"], family)
-    full = build_tiny("qwen-image-edit-2511").transformer
+    full = family.build_tiny().transformer
     info = setup_trainable(full, ModelSection(mode="full"), family)
     frozen = {n for n, p in full.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, _ in full.named_parameters() if n.rsplit(".", 1)[0] in no_grad}

@@ -15,7 +15,6 @@ Stages (each skips when its output is complete, so a re-run resumes):
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from editkit.demo.presets import DemoPreset, sweep
 from editkit.errors import UserError
-from editkit.utils.atomic import atomic_dir, write_json, write_text
+from editkit.utils.atomic import write_json, write_text
 from editkit.utils.progress import console
 
 BASELINE = "copy-source"
@@ -151,38 +150,29 @@ class Demo:
 
     def make_model(self) -> None:
         """The tiny 2511 preset with the trained VAE, a demo-sized editor and views at the demo size."""
+        import torch
         from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
         from editkit.models.families import get_family
-        from editkit.models.loading import save_tiny
-
-        import torch
+        from editkit.models.loading import save_model
+        from editkit.models.presets import build_components
+        from editkit.models.qwen_image_edit import QwenImageEditModel
 
         family = get_family("qwen-image-edit-2511")
+        tiny = build_components("tiny", family, seed=self.seed)  # its text encoder, tokenizer, processor, scheduler
         vae = AutoencoderKLQwenImage.from_pretrained(self.vae_dir)
-        text_dim = None
-        with atomic_dir(self.model) as tmp:
-            save_tiny(tmp / "base", family=family.name, seed=self.seed)
-            for part in ("text_encoder", "tokenizer", "processor", "scheduler"):
-                shutil.move(str(tmp / "base" / part), str(tmp / part))
-            index = json.loads((tmp / "base" / "model_index.json").read_text())
-            text_dim = json.loads((tmp / "text_encoder" / "config.json").read_text())["text_config"]["hidden_size"]
-            shutil.rmtree(tmp / "base")
-            vae.save_pretrained(tmp / "vae")
-            z = vae.config.z_dim
-            head = 32
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                transformer = QwenImageTransformer2DModel(
-                    patch_size=2, in_channels=4 * z, out_channels=z, num_layers=self.preset.depth,
-                    attention_head_dim=head, num_attention_heads=self.preset.width // head,
-                    joint_attention_dim=text_dim, axes_dims_rope=(head // 4, 3 * head // 8, 3 * head // 8),
-                    **family.transformer_flags)
-            transformer.save_pretrained(tmp / "transformer")
-            area = self.preset.image_size ** 2
-            index.update({"_editkit_vlm_image_area": area, "_editkit_vae_image_area": area,
-                          "_editkit_output_area": area})
-            write_json(tmp / "model_index.json", index)
+        z, head = vae.config.z_dim, 32
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            transformer = QwenImageTransformer2DModel(
+                patch_size=2, in_channels=4 * z, out_channels=z, num_layers=self.preset.depth,
+                attention_head_dim=head, num_attention_heads=self.preset.width // head,
+                joint_attention_dim=tiny.text_encoder.config.text_config.hidden_size,
+                axes_dims_rope=(head // 4, 3 * head // 8, 3 * head // 8), **family.transformer_flags)
+        area = self.preset.image_size ** 2
+        model = QwenImageEditModel(family, transformer, vae, tiny.text_encoder, tiny.tokenizer, tiny.image_processor,
+                                   tiny.scheduler, vlm_image_area=area, vae_image_area=area, output_area=area)
+        save_model(model, self.model)
 
     def cache_done(self) -> bool:
         from editkit.data import read_manifest
@@ -227,9 +217,8 @@ class Demo:
 
     def run_infer(self) -> None:
         from editkit.data import read_manifest
-        from editkit.infer.dataset_run import DatasetRunConfig, run_dataset
+        from editkit.infer.dataset_run import DatasetRunConfig, cfg_folder, run_dataset
         from editkit.infer.engine import Engine
-        from editkit.infer.dataset_run import cfg_folder
         from editkit.models import load_model
 
         records = read_manifest(self.manifest("test"))
@@ -247,10 +236,9 @@ class Demo:
 
     def run_eval(self) -> None:
         from editkit.data import read_manifest
+        from editkit.demo.report import headline_html, loss_curves
         from editkit.eval.compare import compare_runs
         from editkit.eval.runner import evaluate
-
-        from editkit.demo.report import headline_html, loss_curves
 
         records = read_manifest(self.manifest("test"))
         evaluate(self.prediction_dirs(), records, self.eval, ["pixel"], manifest=self.manifest("test"))

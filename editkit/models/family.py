@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
+VIEW_AREAS = ("vlm_image_area", "vae_image_area", "output_area")
+"""A model's view sizes (pixel areas): what the VLM and the VAE see of a source image, and the
+default output; `load_model` overrides and model folders record them."""
+
+
 @dataclass
 class EditInputs:
     """Everything the sampler needs for one batch of edits that share sizes (built by `EditModel.prepare`)."""
@@ -159,5 +164,6 @@ class ModelFamily(Protocol):
         """Load a local diffusers-format folder (the transformer from `transformer_dir`), on the CPU;
         `areas` overrides the family's view areas."""
 
-    def write_folder(self, model: EditModel, out: Path) -> None:
-        """Write `model` as a diffusers-format folder that `load_folder` reads back (into an empty folder)."""
+    def write_folder(self, model: EditModel, out: Path, extra: dict | None = None) -> None:
+        """Write `model` as a diffusers-format folder that `load_folder` reads back (into an empty
+        folder); `extra` adds keys to its model_index.json (e.g. what wrote it)."""

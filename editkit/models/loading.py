@@ -14,6 +14,7 @@ from pathlib import Path
 
 from editkit.errors import UserError
 from editkit.models.families import DEFAULT_FAMILY, detect_family, get_family
+from editkit.models.family import VIEW_AREAS
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -182,9 +183,6 @@ def set_attention_backend(transformer, name: str) -> None:
         raise UserError(f"attention backend {name!r} cannot run here ({err}); try 'native'") from None
 
 
-_SIZE_KEYS = ("vlm_image_area", "vae_image_area", "output_area")
-
-
 def inspect_folder(root: Path, family: str | None, transformer: str | Path | None):
     """Check a model folder without loading weights: (transformer folder, family, editkit view areas).
 
@@ -205,7 +203,7 @@ def inspect_folder(root: Path, family: str | None, transformer: str | Path | Non
     check_files([root, transformer_dir, *(root / c for c in needed if c != "transformer")])
     spec = get_family(resolve_family(root, transformer_dir, family))
     spec.check_transformer(_read_json(transformer_dir / "config.json"))
-    areas = {key: int(index[f"_editkit_{key}"]) for key in _SIZE_KEYS if f"_editkit_{key}" in index}
+    areas = {key: int(index[f"_editkit_{key}"]) for key in VIEW_AREAS if f"_editkit_{key}" in index}
     return transformer_dir, spec, areas
 
 
@@ -231,7 +229,7 @@ def describe(spec: str | Path, family: str | None = None, transformer: str | Pat
         model = load_model(str(spec), family=family, dtype="fp32", device="cpu")
         return {
             "family": model.family.name,
-            **{key: getattr(model, key) for key in _SIZE_KEYS},
+            **{key: getattr(model, key) for key in VIEW_AREAS},
             "transformer_config": dict(model.transformer.config),
             "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in model.modules().items()},
         }
@@ -241,19 +239,20 @@ def describe(spec: str | Path, family: str | None = None, transformer: str | Pat
                for name, globs in spec_family.component_files.items() if "*.safetensors*" in globs}
     return {
         "family": spec_family.name,
-        **{key: areas.get(key, getattr(spec_family, key)) for key in _SIZE_KEYS},
+        **{key: areas.get(key, getattr(spec_family, key)) for key in VIEW_AREAS},
         "transformer_config": _read_json(transformer_dir / "config.json"),
         "parameters": {name: _count_parameters(folder) for name, folder in weights.items()},
     }
 
 
-def save_model(model, out_dir: str | Path) -> Path:
-    """Write a loaded model as a diffusers-format folder its family loads back (atomically)."""
+def save_model(model, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write a loaded model as a diffusers-format folder its family loads back (atomically);
+    `extra` adds `_editkit_<key>` entries to its model_index.json (e.g. what wrote the folder)."""
     from editkit.utils.atomic import atomic_dir
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        model.family.write_folder(model, tmp)
+        model.family.write_folder(model, tmp, extra=extra)
     return out_dir
 
 

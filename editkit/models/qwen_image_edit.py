@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from editkit.data.images import fit_area
 from editkit.errors import UserError
-from editkit.models.family import EditInputs
+from editkit.models.family import VIEW_AREAS, EditInputs
 from editkit.utils.lazy import LazyModule
 
 if TYPE_CHECKING:
@@ -178,17 +178,26 @@ class QwenImageEditFamily:
         )
 
     def build_tiny(self, seed: int = 0, areas: dict[str, int] | None = None):
-        """The tiny preset: the real architectures at toy widths (editkit.models.tiny), 64x64 views
+        """The tiny preset: the real architectures at toy widths (editkit.models.presets), 64x64 views
         unless `areas` says otherwise."""
-        from editkit.models.tiny import TINY_AREA, build_tiny
+        return self.build_preset("tiny", seed=seed, areas=areas)
 
-        parts = build_tiny(self, seed=seed)
-        areas = {"vlm_image_area": TINY_AREA, "vae_image_area": TINY_AREA, "output_area": TINY_AREA, **(areas or {})}
+    def build_preset(self, preset: str = "tiny", seed: int = 0, areas: dict[str, int] | None = None, device=None,
+                     dtype=None):
+        """A model of an architecture preset of editkit.models.presets ("tiny", "full") with seeded
+        random weights, created on `device` in `dtype` (default: the CPU, float32); its views are the
+        preset's (the family's for "full") unless `areas` says otherwise."""
+        from editkit.models.presets import build_components, get_preset
+
+        spec = get_preset(preset)
+        parts = build_components(spec, self, seed=seed, device=device, dtype=dtype)
+        view = {key: spec.view_area for key in VIEW_AREAS} if spec.view_area else {}
         return QwenImageEditModel(self, parts.transformer, parts.vae, parts.text_encoder, parts.tokenizer,
-                                  parts.image_processor, parts.scheduler, **areas)
+                                  parts.image_processor, parts.scheduler, **{**view, **(areas or {})})
 
-    def write_folder(self, model: QwenImageEditModel, out: Path) -> None:
-        """Write the model's components and model_index.json into the (empty) folder `out`."""
+    def write_folder(self, model: QwenImageEditModel, out: Path, extra: dict | None = None) -> None:
+        """Write the model's components and model_index.json into the (empty) folder `out`; `extra`
+        adds `_editkit_<key>` entries to model_index.json (e.g. what wrote the folder)."""
         model.transformer.save_pretrained(out / "transformer")
         model.vae.save_pretrained(out / "vae")
         model.text_encoder.save_pretrained(out / "text_encoder")
@@ -196,9 +205,8 @@ class QwenImageEditFamily:
         model.tokenizer.save_pretrained(out / "processor")
         model.processor.image_processor.save_pretrained(out / "processor")
         model.scheduler.save_pretrained(out / "scheduler")
-        areas = {"vlm_image_area": model.vlm_image_area, "vae_image_area": model.vae_image_area,
-                 "output_area": model.output_area}
-        (out / "model_index.json").write_text(json.dumps(self.model_index(areas), indent=2) + "\n")
+        areas = {key: getattr(model, key) for key in VIEW_AREAS}
+        (out / "model_index.json").write_text(json.dumps(self.model_index(areas, **(extra or {})), indent=2) + "\n")
 
     def model_index(self, areas: dict[str, int], **extra) -> dict:
         """The model_index.json of a folder of this family: component classes, the family, the image areas."""
@@ -563,7 +571,8 @@ class QwenImageEditModel:
             has_negative = [n is not None for n in negative_prompts] if negative_prompts else [False] * len(prompts)
             neg_embeds = neg_mask = None
             if any(has_negative):  # one VLM pass for prompts and negatives
-                both, both_mask = self.encode_prompt([*prompts, *(n or "" for n in negative_prompts)], [*images, *images])
+                negatives = [n or "" for n in negative_prompts]
+                both, both_mask = self.encode_prompt([*prompts, *negatives], [*images, *images])
                 embeds, mask = _trim(both[: len(prompts)], both_mask[: len(prompts)])
                 neg_embeds, neg_mask = _trim(both[len(prompts) :], both_mask[len(prompts) :])
             else:
