@@ -23,6 +23,7 @@ except ImportError:
 
 COMMAND_MODULES = (
     "editkit.data.commands",
+    "editkit.layers.commands",
     "editkit.models.commands",
     "editkit.infer.commands",
     "editkit.train.commands",
