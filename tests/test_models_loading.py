@@ -88,6 +88,53 @@ def test_transformer_from_another_folder(tiny_dir, tmp_path):
     assert not torch.equal(_edit(mixed), _edit(base))
 
 
+def test_loading_straight_to_the_device_gives_the_same_weights(tiny_dir):
+    from editkit.models.families import get_family
+
+    family = get_family(FAMILY)
+    old = family.load_folder(tiny_dir, tiny_dir / "transformer", torch.float32, {})  # read on the CPU
+    new = family.load_folder(tiny_dir, tiny_dir / "transformer", torch.float32, {}, device="cpu")  # device_map
+    for name, module in old.modules().items():
+        want, got = module.state_dict(), new.modules()[name].state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+        assert all(t.device.type == "cpu" for t in got.values())
+
+
+def _record_device_maps(monkeypatch):
+    """Record the device_map each network's from_pretrained gets (then load on the CPU), and skip
+    the facade's final move (this machine has no GPU)."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from editkit.models.qwen_image_edit import QwenImageEditModel
+
+    seen = {}
+    for cls in (QwenImageTransformer2DModel, AutoencoderKLQwenImage, Qwen2_5_VLForConditionalGeneration):
+        def spy(*args, _cls=cls, _load=cls.from_pretrained, **kwargs):
+            seen.setdefault(_cls.__name__, []).append(kwargs.pop("device_map", None))
+            return _load(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    moved = []
+    monkeypatch.setattr(QwenImageEditModel, "to", lambda self, device=None, dtype=None: moved.append(device) or self)
+    return seen, moved
+
+
+def test_the_device_reaches_from_pretrained(tiny_dir, tmp_path, monkeypatch):
+    seen, moved = _record_device_maps(monkeypatch)
+    load_model(tiny_dir, dtype="fp32", device="cuda:1")  # e.g. rank 1's GPU under torchrun
+    assert seen == {"QwenImageTransformer2DModel": ["cuda:1"], "AutoencoderKLQwenImage": ["cuda:1"],
+                    "Qwen2_5_VLForConditionalGeneration": ["cuda:1"]}
+    assert moved == ["cuda:1"]
+    seen.clear()
+    load_model(tiny_dir, dtype="fp32", device="cpu")
+    assert all(maps == [None] for maps in seen.values()) and len(seen) == 3  # CPU loading is unchanged
+    seen.clear()
+    other = save_tiny(tmp_path / "other", family=FAMILY, seed=1)
+    load_model(f"tiny:{FAMILY}", transformer=other / "transformer", dtype="fp32", device="cuda")
+    assert seen == {"QwenImageTransformer2DModel": ["cuda"]}  # a transformer from another folder too
+
+
 def test_family_from_plain_diffusers_index(tiny_dir, tmp_path):
     plain = tmp_path / "plain"
     shutil.copytree(tiny_dir, plain)

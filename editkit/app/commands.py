@@ -7,6 +7,8 @@ from typing import Annotated
 import typer
 
 from editkit.app.address import DEFAULT_HOST, DEFAULT_PORT
+from editkit.infer.commands import PresetOpt
+from editkit.infer.speed import AttentionOpt, CacheThresholdOpt, Fp8Opt, OffloadOpt, SpeedOpt, SpeedOptions
 
 
 def serve(
@@ -25,14 +27,22 @@ def serve(
     device: Annotated[str | None, typer.Option(help="torch device: cuda, cuda:1, cpu (default: CUDA when available).")]
     = None,
     dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.")] = "auto",
+    preset: PresetOpt = "auto",
+    speed: SpeedOpt = "auto",
+    attention: AttentionOpt = "auto",
+    fp8: Fp8Opt = "off",
+    offload: OffloadOpt = "none",
+    cache_threshold: CacheThresholdOpt = None,
 ) -> None:
     """Serve the web app: upload, paint a mask, describe the edit, edit again; one GPU job at a time."""
     from editkit.app.limits import AppLimits
     from editkit.app.server import build_controller, checked_port, launch
 
+    speed_options = SpeedOptions(speed, attention, fp8, offload, cache_threshold)
     port = checked_port(host, port)
     limits = AppLimits(max_image_side=max_image_side, max_sources=max_sources, max_file_mb=max_file_mb)
-    controller = build_controller(model, lora or [], limits=limits, device=device, dtype=dtype)
+    controller = build_controller(model, lora or [], limits=limits, device=device, dtype=dtype, speed=speed_options,
+                                  preset=preset, echo=lambda text: typer.echo(text, err=True))
     typer.echo(f"editkit serve: model {model} ready; open http://{host}:{port} (Ctrl+C stops)")
     launch(controller, host=host, port=port, block=True)
 

@@ -15,6 +15,7 @@ from editkit.app.actions import AppController, AppDefaults, LoraChoice
 from editkit.app.address import DEFAULT_HOST, DEFAULT_PORT
 from editkit.app.limits import AppLimits
 from editkit.errors import UserError
+from editkit.infer.speed import SpeedOptions, apply_speed
 
 TINY_STEPS = 4  # the tiny preset is random: more steps only cost time
 MAX_QUEUE = 32  # waiting jobs beyond this get "queue is full" instead of an endless wait
@@ -53,21 +54,35 @@ def lora_choices(texts: Sequence[str]) -> list[LoraChoice]:
 
 def build_controller(model: str, loras: Sequence[str] = (), limits: AppLimits | None = None,
                      device: str | None = None, dtype: str = "auto",
-                     output_dir: str | os.PathLike | None = None) -> AppController:
+                     output_dir: str | os.PathLike | None = None, speed: SpeedOptions | None = None,
+                     preset: str = "auto", echo=None) -> AppController:
     """Load the model (a diffusers folder, or "tiny") and its `--lora` files into an app controller.
 
-    `dtype="auto"` is bf16 on a GPU and fp32 on the CPU. The LoRA and device flags are checked
+    `dtype="auto"` is bf16 on a GPU and fp32 on the CPU. `speed` (default: `SpeedOptions()`) is
+    applied to the loaded model; `preset` ("auto": the one a `--lora` file names,
+    `editkit.models.lightning`) sets the scheduler and the page's starting steps and CFG, and
+    `echo(text)` is told when a preset was detected. The LoRA, preset and device flags are checked
     before the slow load.
     """
     from editkit.infer.engine import Engine
     from editkit.models import load_model
+    from editkit.models.lightning import resolve_preset
     from editkit.models.loading import is_tiny_spec, resolve_dtype
     from editkit.utils.dist import resolve_device
 
     choices = lora_choices(loras)
+    chosen, note = resolve_preset(preset, [c.path for c in choices])
+    if note and echo is not None:
+        echo(note)
     device = resolve_device(device, "--device")
-    engine = Engine(load_model(model, dtype=resolve_dtype(dtype, device), device=device), model_name=str(model))
-    defaults = AppDefaults(steps=TINY_STEPS) if is_tiny_spec(model) else AppDefaults()
+    speed = (speed or SpeedOptions()).resolved(device)
+    loaded = load_model(model, dtype=resolve_dtype(dtype, device), device=device)
+    engine = Engine(loaded.with_scheduler(chosen.scheduler) if chosen else loaded, model_name=str(model))
+    apply_speed(engine.model, speed)
+    if chosen:
+        defaults = AppDefaults(steps=chosen.steps, true_cfg_scale=chosen.true_cfg_scale)
+    else:
+        defaults = AppDefaults(steps=TINY_STEPS) if is_tiny_spec(model) else AppDefaults()
     return AppController(engine, limits=limits, loras=choices, defaults=defaults, output_dir=output_dir)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import sys
 from pathlib import Path
@@ -10,6 +11,15 @@ from typing import Annotated, Optional
 import typer
 
 from editkit.infer.defaults import NEGATIVE_PROMPT, STEPS, TRUE_CFG_SCALE
+from editkit.infer.speed import (
+    AttentionOpt,
+    CacheThresholdOpt,
+    Fp8Opt,
+    OffloadOpt,
+    SpeedOpt,
+    SpeedOptions,
+    apply_speed,
+)
 
 ModelOpt = Annotated[str, typer.Option("--model", help="A diffusers-format model folder, or tiny / tiny:<family>.")]
 FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Model family, when the folder does not say.")]
@@ -18,7 +28,9 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPU, fp32 
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:1, cpu (default: cuda if available).")]
 LoraOpt = Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file, PATH or PATH:SCALE (repeatable; any key layout).")]
 FuseOpt = Annotated[bool, typer.Option("--fuse-lora", help="Merge the LoRAs into the weights (faster sampling).")]
-StepsOpt = Annotated[int, typer.Option("--steps", help="Sampling steps.")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help=f"Sampling steps (default {STEPS}, or the --preset's).")]
+CfgOpt = Annotated[Optional[float], typer.Option("--cfg", help=f"True CFG scale, 1 turns CFG off (default {TRUE_CFG_SCALE:g}, or the --preset's).")]
+PresetOpt = Annotated[str, typer.Option("--preset", help="auto (the Lightning preset a --lora file names, if any), none, lightning-8step or lightning-4step: its steps, CFG 1 and scheduler (give its LoRA with --lora).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Noise seed.")]
 NegativeOpt = Annotated[str, typer.Option("--negative", help="Negative prompt for true CFG.")]
 SamplerOpt = Annotated[str, typer.Option("--sampler", help="flow (flow matching, true CFG) or bridge (LBM-trained models).")]
@@ -28,22 +40,50 @@ WidthOpt = Annotated[Optional[int], typer.Option("--width", help="Output width, 
 HeightOpt = Annotated[Optional[int], typer.Option("--height", help="Output height (as --width).")]
 
 
-def _engine(model: str, family, transformer, dtype: str, device, lora, fuse_lora: bool):
-    """Load the model (and LoRAs) into an Engine; device and LoRA specs are checked before the slow load."""
+def _loras_and_preset(lora, preset: str, sampler: str = "flow"):
+    """The checked `--lora` specs and the sampling preset (`editkit.models.lightning`); a preset
+    detected from a LoRA is announced on stderr."""
+    from editkit.models.lightning import resolve_preset
+    from editkit.models.lora import LoraSpec
+
+    specs = [LoraSpec.parse(s) for s in lora or []]
+    chosen, note = resolve_preset(preset, [s.path for s in specs], sampler)
+    if note:
+        typer.echo(note, err=True)
+    return specs, chosen
+
+
+def _or_preset(value, preset, field: str, default):
+    """A sampling setting as given, else the preset's, else the default."""
+    if value is not None:
+        return value
+    return getattr(preset, field) if preset is not None else default
+
+
+def _engine(model: str, family, transformer, dtype: str, device, specs, fuse_lora: bool, speed, preset=None):
+    """Load the model into an Engine with the preset's scheduler and the LoRAs, then apply the speed
+    switches; device, LoRA and speed options are checked before the slow load. Returns the engine and
+    the speed options resolved for its device."""
     from editkit.infer.engine import Engine
     from editkit.models import load_model
     from editkit.models.loading import resolve_dtype
-    from editkit.models.lora import LoraSpec
     from editkit.utils import dist
 
     device = dist.resolve_device(device)
-    specs = [LoraSpec.parse(s) for s in lora or []]
+    speed = speed.resolved(device)
     dtype = resolve_dtype(dtype, device)
-    engine = Engine(load_model(model, family=family, transformer=transformer, dtype=dtype, device=device),
+    loaded = load_model(model, family=family, transformer=transformer, dtype=dtype, device=device)
+    engine = Engine(loaded.with_scheduler(preset.scheduler) if preset else loaded,
                     model_name=str(model), transformer_name=str(transformer) if transformer else None)
     if specs:
         engine.load_loras(specs, fuse=fuse_lora)
-    return engine
+    apply_speed(engine.model, speed)
+    return engine, speed
+
+
+def _run_settings(speed, preset) -> dict:
+    """What a run adds to its outputs' settings: the preset and the speed switches."""
+    return {"preset": preset.name if preset else None, "speed": speed.settings()}
 
 
 def _step_bar():
@@ -71,8 +111,9 @@ def edit_command(
     out: Annotated[Path, typer.Option("--out", help="Output image: .png (settings in its text chunk), .jpg/.jpeg/.webp (settings in <out>.json).")],
     model: ModelOpt,
     negative: NegativeOpt = NEGATIVE_PROMPT,
-    cfg: Annotated[float, typer.Option("--cfg", help="True CFG scale (1 turns CFG off).")] = TRUE_CFG_SCALE,
-    steps: StepsOpt = STEPS,
+    cfg: CfgOpt = None,
+    steps: StepsOpt = None,
+    preset: PresetOpt = "auto",
     seed: SeedOpt = 0,
     width: WidthOpt = None,
     height: HeightOpt = None,
@@ -86,6 +127,11 @@ def edit_command(
     transformer: TransformerOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
+    speed: SpeedOpt = "auto",
+    attention: AttentionOpt = "auto",
+    fp8: Fp8Opt = "off",
+    offload: OffloadOpt = "none",
+    cache_threshold: CacheThresholdOpt = None,
 ) -> None:
     """Edit one image (or several source images) with an instruction."""
     from editkit.data.images import load_image, load_mask
@@ -94,6 +140,8 @@ def edit_command(
     from editkit.infer.outputs import check_output_file, save_image
 
     check_output_file(out)
+    speed_options = SpeedOptions(speed, attention, fp8, offload, cache_threshold)
+    specs, chosen = _loras_and_preset(lora, preset, sampler)
     if mask is not None and fusion == "off":
         raise UserError(f"--mask {mask}: a mask is used only by mask fusion; add --fusion pixel-mask "
                         "(or latent-mask, latent+pixel-mask), or leave --mask out")
@@ -101,12 +149,14 @@ def edit_command(
     mask_image = load_mask(mask) if mask else None
     if mask_image is not None and images:
         check_mask_size(mask_image.size, images[0].size, f"--mask {mask}")
-    request = EditRequest(prompt=prompt, images=images, negative_prompt=negative, true_cfg_scale=cfg, steps=steps,
-                          seed=seed, width=width, height=height, mask=mask_image, fusion=fusion, feather=feather,
-                          sampler=sampler).check()
-    engine = _engine(model, family, transformer, dtype, device, lora, fuse_lora)
+    request = EditRequest(prompt=prompt, images=images, negative_prompt=negative,
+                          true_cfg_scale=_or_preset(cfg, chosen, "true_cfg_scale", TRUE_CFG_SCALE),
+                          steps=_or_preset(steps, chosen, "steps", STEPS), seed=seed, width=width, height=height,
+                          mask=mask_image, fusion=fusion, feather=feather, sampler=sampler).check()
+    engine, speed_options = _engine(model, family, transformer, dtype, device, specs, fuse_lora, speed_options,
+                                    chosen)
     result = engine.edit([request], progress=_step_bar())[0]
-    save_image(out, result, engine.settings(request))
+    save_image(out, result, {**engine.settings(request), **_run_settings(speed_options, chosen)})
     typer.echo(f"wrote {out} ({result.width}x{result.height})")
 
 
@@ -115,8 +165,9 @@ def chat_command(
     model: ModelOpt,
     save: Annotated[Optional[Path], typer.Option("--save", help="Session folder (default chat-<time>); rewritten after every turn.")] = None,
     negative: NegativeOpt = NEGATIVE_PROMPT,
-    cfg: Annotated[float, typer.Option("--cfg", help="True CFG scale.")] = TRUE_CFG_SCALE,
-    steps: StepsOpt = STEPS,
+    cfg: CfgOpt = None,
+    steps: StepsOpt = None,
+    preset: PresetOpt = "auto",
     seed: SeedOpt = 0,
     lora: LoraOpt = None,
     fuse_lora: FuseOpt = False,
@@ -124,6 +175,11 @@ def chat_command(
     transformer: TransformerOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
+    speed: SpeedOpt = "auto",
+    attention: AttentionOpt = "auto",
+    fp8: Fp8Opt = "off",
+    offload: OffloadOpt = "none",
+    cache_threshold: CacheThresholdOpt = None,
 ) -> None:
     """Multi-turn editing: each line is an instruction that edits the last result.
 
@@ -135,11 +191,14 @@ def chat_command(
     from editkit.infer.engine import check_cfg, check_sampling
     from editkit.infer.session import EditSession
 
-    check_cfg(cfg)
+    speed_options = SpeedOptions(speed, attention, fp8, offload, cache_threshold)
+    specs, chosen = _loras_and_preset(lora, preset)
+    cfg = check_cfg(_or_preset(cfg, chosen, "true_cfg_scale", TRUE_CFG_SCALE))
+    steps = _or_preset(steps, chosen, "steps", STEPS)
     check_sampling(steps, seed, "flow", 0)
     images = [load_image(p) for p in image]
     save = save or Path(f"chat-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    engine = _engine(model, family, transformer, dtype, device, lora, fuse_lora)
+    engine, _ = _engine(model, family, transformer, dtype, device, specs, fuse_lora, speed_options, chosen)
     session = EditSession(engine, images, negative_prompt=negative, true_cfg_scale=cfg, steps=steps, seed=seed)
     typer.echo(USAGE, err=True)
     run_chat(session, _stdin_lines(session), save, typer.echo, new_progress=_step_bar)
@@ -161,9 +220,10 @@ def infer_command(
     data: Annotated[Path, typer.Option("--data", help="Manifest (.json/.jsonl/.csv) or dataset folder.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: cfg-<value>/<id>.png per CFG value.")],
     model: ModelOpt,
-    cfg: Annotated[str, typer.Option("--cfg", help="CFG values, comma-separated: one output folder each.")]
-    = f"{TRUE_CFG_SCALE:g}",
-    steps: StepsOpt = STEPS,
+    cfg: Annotated[Optional[str], typer.Option("--cfg", help=f"CFG values, comma-separated: one output folder each (default {TRUE_CFG_SCALE:g}, or the --preset's).")]
+    = None,
+    steps: StepsOpt = None,
+    preset: PresetOpt = "auto",
     seed: SeedOpt = 0,
     negative: NegativeOpt = NEGATIVE_PROMPT,
     lora: LoraOpt = None,
@@ -182,6 +242,11 @@ def infer_command(
     transformer: TransformerOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
+    speed: SpeedOpt = "auto",
+    attention: AttentionOpt = "auto",
+    fp8: Fp8Opt = "off",
+    offload: OffloadOpt = "none",
+    cache_threshold: CacheThresholdOpt = None,
 ) -> None:
     """Edit a whole dataset; sharded across processes (torchrun / accelerate launch), resumable."""
     from editkit.data import read_manifest
@@ -191,11 +256,16 @@ def infer_command(
     from editkit.utils import dist
 
     check_out_folder(out)
-    config = DatasetRunConfig(cfgs=parse_cfgs(cfg), steps=steps, seed=seed, negative_prompt=negative,
-                              fusion=fusion, feather=feather, sampler=sampler, width=width,
-                              height=height, batch_size=batch_size).check()
+    speed_options = SpeedOptions(speed, attention, fp8, offload, cache_threshold)
+    specs, chosen = _loras_and_preset(lora, preset, sampler)
+    cfgs = parse_cfgs(cfg) if cfg is not None else [_or_preset(None, chosen, "true_cfg_scale", TRUE_CFG_SCALE)]
+    config = DatasetRunConfig(cfgs=cfgs, steps=_or_preset(steps, chosen, "steps", STEPS), seed=seed,
+                              negative_prompt=negative, fusion=fusion, feather=feather, sampler=sampler, width=width,
+                              height=height, batch_size=batch_size, preset=chosen.name if chosen else None).check()
     records = read_manifest(data, format=format, fields=parse_field_overrides(field))
-    engine = _engine(model, family, transformer, dtype, device, lora, fuse_lora)
+    engine, speed_options = _engine(model, family, transformer, dtype, device, specs, fuse_lora, speed_options,
+                                    chosen)
+    config = dataclasses.replace(config, speed=speed_options.settings())
     result = run_dataset(engine, records, out, config, overwrite=overwrite, skip_bad=skip_bad)
     typer.echo(f"rank {dist.rank()}: wrote {len(result.written)} image(s), skipped {result.skipped} finished, "
                f"into {out}")

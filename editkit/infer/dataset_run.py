@@ -56,6 +56,10 @@ class DatasetRunConfig:
     batch_size: int = 4
     window: int = 8
     """Records loaded at once (in batches), so requests of one shape can be grouped."""
+    preset: str | None = None
+    """The sampling preset (`editkit.models.lightning`) whose scheduler the engine's model samples with."""
+    speed: dict = field(default_factory=dict)
+    """The speed switches (`editkit.infer.speed.SpeedOptions.settings`), for the run manifest."""
 
     def check(self) -> DatasetRunConfig:
         """UserError for a setting no run can use (sizes against the model: `Engine.check_size`)."""
@@ -75,9 +79,15 @@ class DatasetRunConfig:
         return self
 
     def fingerprint(self, cfg: float) -> dict:
-        """The settings that decide the images of one CFG folder (batching changes only rounding)."""
-        settings = {k: v for k, v in vars(self).items() if k not in ("cfgs", "batch_size", "window")}
-        return {**settings, "true_cfg_scale": float(cfg)}
+        """The settings that decide the images of one CFG folder (batching changes only rounding, the
+        lossless speed switches only bf16 rounding). The preset and the lossy speed switches appear
+        only when set, so folders made before they existed keep their fingerprint."""
+        from editkit.infer.speed import SpeedOptions
+
+        settings = {k: v for k, v in vars(self).items()
+                    if k not in ("cfgs", "batch_size", "window", "preset", "speed")}
+        preset = {"preset": self.preset} if self.preset else {}
+        return {**settings, **preset, **SpeedOptions(**self.speed).lossy(), "true_cfg_scale": float(cfg)}
 
 
 @dataclass

@@ -1,10 +1,13 @@
 """Speed switches for the QwenImage transformer of an EditModel (or a bare diffusers transformer).
 
 Lossless (same function within bf16 rounding):
-- ``attention``: a diffusers attention backend. ``"auto"`` picks cuDNN attention
-  (``_native_cudnn``) on Hopper-or-newer CUDA GPUs, 12% faster per forward than flash-2 on an
-  H100 (torch 2.11 already prefers it there; older versions pick flash-2); elsewhere it keeps
-  the diffusers default.
+- ``attention``: which attention kernels run (`ATTENTION_BACKENDS`: "cudnn", "flash" (torch's
+  flash-2), "sdpa" (torch's own choice), "fa3" (FlashAttention-3 from the forward-only `fa3-fwd`
+  wheel, Hopper and bf16 only, inference only: editkit.models.fa3). ``"auto"`` picks cuDNN
+  attention (``_native_cudnn``) on Hopper-or-newer CUDA GPUs, 12% faster per forward than flash-2
+  on an H100 (torch 2.11 already prefers it there; older versions pick flash-2); elsewhere it
+  keeps the diffusers default. It never picks fa3 (faster kernels measured standalone, not yet
+  per step: docs/benchmarks.md).
 - ``compile``: regional ``torch.compile`` of the 60 repeated blocks (one compiled graph shared by
   all of them), which fuses the norms, modulation, RoPE and gating around the matmuls.
 - ``split_lengths``: a batch whose prompts differ in length (right-padded with a mask, as the
@@ -25,10 +28,11 @@ Lossy (report their error against bf16 before using them):
 - ``cache_threshold``: diffusers' first-block cache, which reuses the last step's residual of
   blocks 2..N while the first block's output changes by less than the threshold.
 
-Memory:
+Memory (lossless; editkit.models.offload):
 - ``offload="group"`` keeps the transformer's blocks and the text encoder in CPU memory and
-  streams them to the GPU a layer ahead of use (diffusers group offload): lossless, for GPUs
-  with 24 GiB.
+  streams them to the GPU a layer ahead of use (diffusers group offload), for GPUs with 24 GiB.
+- ``offload="model"`` keeps whole components in CPU memory and moves each to the GPU when it is
+  used (one on the GPU at a time), for GPUs that hold the transformer but not the whole model.
 """
 
 from __future__ import annotations
@@ -40,22 +44,37 @@ import torch
 import torch.nn.functional as F
 
 from editkit.errors import UserError
+from editkit.models import fa3
 
 FP8_MODES = ("matmul", "weights")
-OFFLOAD_MODES = ("group",)
+OFFLOAD_MODES = ("group", "model")
+ATTENTION_BACKENDS = {"cudnn": "_native_cudnn", "fa3": "_flash_3", "flash": "_native_flash", "sdpa": "native"}
+"""The attention names of `Accel` (besides "auto") and the diffusers backends they select."""
+ATTENTION_MODES = ("auto", *ATTENTION_BACKENDS)
 
 
 @dataclass(frozen=True)
 class Accel:
     """Which speed switches to apply; the defaults are the lossless fast path."""
 
-    attention: str | None = "auto"
+    attention: str = "auto"
+    """One of ATTENTION_MODES."""
     compile: bool = True
     fused: bool = True
     split_lengths: bool = True
     fp8: str | None = None
     cache_threshold: float | None = None
     offload: str | None = None
+    """None, or one of OFFLOAD_MODES."""
+
+    def check(self) -> Accel:
+        """The switches themselves, or a UserError naming the first unknown mode."""
+        if self.attention not in ATTENTION_MODES:
+            raise UserError(f"unknown attention {self.attention!r}; use one of {', '.join(ATTENTION_MODES)}")
+        for what, value, modes in (("fp8", self.fp8, FP8_MODES), ("offload", self.offload, OFFLOAD_MODES)):
+            if value is not None and value not in modes:
+                raise UserError(f"unknown {what} mode {value!r}; use one of {', '.join(modes)}")
+        return self
 
 
 def transformer_of(model) -> torch.nn.Module:
@@ -75,16 +94,28 @@ def pick_attention_backend(device: torch.device | str | None = None, dtype: torc
     return "_native_cudnn" if major >= 9 else None
 
 
+def _attention_weight(transformer) -> torch.Tensor:
+    """The base weight of the first attention query projection (also under a LoRA): its device
+    and dtype are where and in what attention runs."""
+    weight = next((p for n, p in transformer.named_parameters()
+                   if n.endswith(("attn.to_q.weight", "attn.to_q.base_layer.weight"))), None)
+    return weight if weight is not None else next(transformer.parameters())
+
+
 def set_attention(model, backend: str | None) -> str | None:
-    """Route every attention call of the transformer through `backend` ("auto", a diffusers name, None)."""
+    """Route every attention call of the transformer through `backend`: "auto", a name of
+    ATTENTION_BACKENDS, a diffusers backend name, or None (diffusers' default); returns the
+    diffusers backend chosen (None: the default)."""
     transformer = transformer_of(model)
+    backend = ATTENTION_BACKENDS.get(backend, backend)
     if backend == "auto":
-        weight = next((p for n, p in transformer.named_parameters()  # the base weight, also under a LoRA
-                       if n.endswith(("attn.to_q.weight", "attn.to_q.base_layer.weight"))), None)
-        weight = weight if weight is not None else next(transformer.parameters())
+        weight = _attention_weight(transformer)
         backend = pick_attention_backend(weight.device, weight.dtype)
     if backend is None:
         transformer.reset_attention_backend()
+    elif backend == fa3.BACKEND:
+        weight = _attention_weight(transformer)
+        fa3.enable(transformer, weight.device, weight.dtype)
     else:
         transformer.set_attention_backend(backend)
     return backend
@@ -186,6 +217,7 @@ def fuse_block_ops(model) -> None:
     for block in transformer.transformer_blocks:
         processor = FusedDoubleStreamProcessor()
         processor._attention_backend = block.attn.processor._attention_backend
+        processor._parallel_config = block.attn.processor._parallel_config  # context parallel, if enabled
         block.attn.set_processor(processor)
     for module in transformer.modules():
         cuda = module.__class__ is GELU and module.proj.weight.is_cuda
@@ -261,26 +293,6 @@ def enable_first_block_cache(model, threshold: float) -> None:
     transformer_of(model).enable_cache(FirstBlockCacheConfig(threshold=threshold))
 
 
-def enable_group_offload(model, device: torch.device | str = "cuda") -> None:
-    """Low-memory mode (lossless): the transformer's blocks and the text encoder live in pinned CPU
-    memory and stream to `device` one layer ahead of use (diffusers group offload, leaf level, on a
-    side stream). The transformer's small non-block layers stay on `device`, so `EditModel.device`
-    still names the GPU. One batched (masked) CFG pass streams the weights once per step, so
-    `apply_accel` leaves the prompt-length split off in this mode."""
-    from diffusers.hooks import apply_group_offloading
-
-    device = torch.device(device)
-    transformer = transformer_of(model)
-    transformer.to(device)
-    modules = [transformer.transformer_blocks]
-    text_encoder = getattr(model, "text_encoder", None)
-    if text_encoder is not None:
-        modules.append(text_encoder)
-    for module in modules:
-        apply_group_offloading(module, onload_device=device, offload_device=torch.device("cpu"),
-                               offload_type="leaf_level", use_stream=device.type == "cuda")
-
-
 _ATTENTION_OPS = (
     "_scaled_dot_product_cudnn_attention",
     "_scaled_dot_product_flash_attention",
@@ -317,20 +329,21 @@ def enable_checkpointing(model, selective: bool = True) -> None:
 def apply_accel(model, accel: Accel = Accel()):
     """Apply the speed switches `accel` to an EditModel (or a bare transformer) in the order that
     works: fp8, fused ops, prompt-length split, attention, cache, offload, compile."""
+    accel.check()
     if accel.fp8:
         apply_fp8(model, accel.fp8)
     if accel.fused:
         fuse_block_ops(model)
-    # offloaded weights: one masked pass streams them once; a bare transformer has no predict to split
-    if accel.split_lengths and not accel.offload and model is not transformer_of(model):
+    # group-offloaded weights: one masked pass streams them once; a bare transformer has no predict to split
+    if accel.split_lengths and accel.offload != "group" and model is not transformer_of(model):
         model.split_prompt_lengths()
     set_attention(model, accel.attention)
     if accel.cache_threshold:
         enable_first_block_cache(model, accel.cache_threshold)
     if accel.offload:
-        if accel.offload not in OFFLOAD_MODES:
-            raise UserError(f"unknown offload mode {accel.offload!r}; use one of {', '.join(OFFLOAD_MODES)}")
-        enable_group_offload(model, next(transformer_of(model).parameters()).device)
+        from editkit.models.offload import enable_offload
+
+        enable_offload(model, accel.offload, next(transformer_of(model).parameters()).device)
     if accel.compile:
         compile_blocks(model)
     return model

@@ -124,6 +124,11 @@ class EditModel(Protocol):
     def with_transformer(self, transformer: torch.nn.Module) -> EditModel: ...
     def without_encoders(self) -> EditModel: ...
     def with_velocity_hook(self, hook: Callable[[torch.Tensor], torch.Tensor]) -> EditModel: ...
+    def with_cfg_parallel(self, split: Callable[..., torch.Tensor]) -> EditModel:
+        """The same model whose `predict` batch is shared between processes by `split(predict, *args)`
+        (editkit.infer.parallel)."""
+    def with_scheduler(self, config: Mapping[str, Any]) -> EditModel:
+        """The same model sampling with another scheduler config (the sampler reads `scheduler.config`)."""
     def split_prompt_lengths(self, enabled: bool = True) -> None: ...
 
 
@@ -157,12 +162,15 @@ class ModelFamily(Protocol):
         """The tiny preset: every component built in code at toy width (tests, demo), seeded; `areas`
         overrides its view areas (vlm_image_area, vae_image_area, output_area)."""
 
-    def load_transformer(self, folder: Path, torch_dtype) -> torch.nn.Module:
-        """The transformer of a component folder (config.json + weights), on the CPU."""
+    def load_transformer(self, folder: Path, torch_dtype, device=None) -> torch.nn.Module:
+        """The transformer of a component folder (config.json + weights), on the CPU or read straight
+        onto `device`."""
 
-    def load_folder(self, root: Path, transformer_dir: Path, torch_dtype, areas: dict[str, int]) -> EditModel:
-        """Load a local diffusers-format folder (the transformer from `transformer_dir`), on the CPU;
-        `areas` overrides the family's view areas."""
+    def load_folder(self, root: Path, transformer_dir: Path, torch_dtype, areas: dict[str, int],
+                    device=None) -> EditModel:
+        """Load a local diffusers-format folder (the transformer from `transformer_dir`), on the CPU,
+        or with its weights read straight onto `device` (no whole copy in host memory); `areas`
+        overrides the family's view areas."""
 
     def write_folder(self, model: EditModel, out: Path, extra: dict | None = None) -> None:
         """Write `model` as a diffusers-format folder that `load_folder` reads back (into an empty

@@ -133,7 +133,9 @@ def load_model(
     `seed`). `vae_image_size` / `vlm_image_size` are the side (pixels) of the square whose area
     the VAE / VLM views of source images keep (defaults: the family's, 1024 and 384; tiny: 64).
     `attention_backend` is a diffusers attention backend name (e.g. "flash", "_native_cudnn");
-    `compile` compiles the transformer's repeated blocks with torch.compile.
+    `compile` compiles the transformer's repeated blocks with torch.compile. On a device other
+    than the CPU (e.g. each torchrun rank's own GPU), a folder's weights are read straight onto
+    it, shard by shard, so host memory never holds the whole model.
     """
     for option, side in (("--vae-image-size", vae_image_size), ("--vlm-image-size", vlm_image_size)):
         if side is not None and not 16 <= side <= 4096:
@@ -143,20 +145,21 @@ def load_model(
     torch_type = torch_dtype(dtype)
     given = {key: int(side) ** 2 for key, side in (("vae_image_area", vae_image_size),
                                                   ("vlm_image_area", vlm_image_size)) if side is not None}
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    stream_to = None if torch.device(device).type == "cpu" else device  # CPU loading is unchanged
     if is_tiny_spec(spec):
         spec_family = get_family(str(spec).partition(":")[2] or family or DEFAULT_FAMILY)
         model = spec_family.build_tiny(seed=seed, areas=given)
     else:
         root = Path(spec)
         transformer_dir, spec_family, areas = inspect_folder(root, family, transformer)
-        model = spec_family.load_folder(root, transformer_dir, torch_type, {**areas, **given})
+        model = spec_family.load_folder(root, transformer_dir, torch_type, {**areas, **given}, device=stream_to)
     if transformer is not None and is_tiny_spec(spec):
         transformer_dir = _transformer_folder(transformer)
         check_files([transformer_dir])
         model.family.check_transformer(_read_json(transformer_dir / "config.json"))
-        model = model.with_transformer(model.family.load_transformer(transformer_dir, torch_type))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device=device, dtype=torch_type)
+        model = model.with_transformer(model.family.load_transformer(transformer_dir, torch_type, device=stream_to))
+    model.to(device=device, dtype=torch_type)  # places what was built or loaded on the CPU; sets model.device
     for module in model.modules().values():
         module.eval().requires_grad_(False)
     if attention_backend:

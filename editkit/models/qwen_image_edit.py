@@ -154,23 +154,29 @@ class QwenImageEditFamily:
                     f"{flag}={found}; pass the right --family (or --transformer)"
                 )
 
-    def load_transformer(self, folder: Path, torch_dtype):
+    def load_transformer(self, folder: Path, torch_dtype, device=None):
+        """The transformer of a component folder, on the CPU, or streamed to `device` (see `load_folder`)."""
         from diffusers import QwenImageTransformer2DModel
 
-        return QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True)
+        return QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True,
+                                                           **_device_map(device))
 
-    def load_folder(self, root: Path, transformer_dir: Path, torch_dtype, areas: dict[str, int]):
-        """A snapshot's components (the transformer from `transformer_dir`) as a facade, on the CPU."""
+    def load_folder(self, root: Path, transformer_dir: Path, torch_dtype, areas: dict[str, int], device=None):
+        """A snapshot's components (the transformer from `transformer_dir`) as a facade, on the CPU;
+        with a `device`, the networks' safetensors shards are read straight onto it (diffusers' and
+        transformers' `device_map`), without a whole copy in host memory."""
         from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+        placed = _device_map(device)
         return QwenImageEditModel(
             self,
-            transformer=self.load_transformer(transformer_dir, torch_dtype),
-            vae=AutoencoderKLQwenImage.from_pretrained(root / "vae", torch_dtype=torch_dtype, local_files_only=True),
+            transformer=self.load_transformer(transformer_dir, torch_dtype, device),
+            vae=AutoencoderKLQwenImage.from_pretrained(root / "vae", torch_dtype=torch_dtype, local_files_only=True,
+                                                       **placed),
             text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                root / "text_encoder", dtype=torch_dtype, local_files_only=True),
+                root / "text_encoder", dtype=torch_dtype, local_files_only=True, **placed),
             tokenizer=Qwen2Tokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
             image_processor=Qwen2VLImageProcessorPil.from_pretrained(root / "processor", local_files_only=True),
             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler", local_files_only=True),
@@ -258,6 +264,12 @@ FAMILIES = (
 """The three releases, registered in editkit.models.families."""
 
 
+def _device_map(device) -> dict:
+    """`from_pretrained` keyword arguments that load onto `device` (none: diffusers' and
+    transformers' default, the CPU)."""
+    return {} if device is None else {"device_map": str(torch.device(device))}
+
+
 def _make_processor(image_processor, tokenizer):
     """A Qwen2-VL processor for images and text only.
 
@@ -315,6 +327,7 @@ class QwenImageEditModel:
         """Compute dtype of embeddings and latents (kept when weights are stored in another dtype)."""
         self._velocity_hooks: tuple = ()
         self._split_lengths = False
+        self._batch_split = None
 
     # ----- derived views (clients never assign to a facade's attributes) ---------------------
 
@@ -337,6 +350,22 @@ class QwenImageEditModel:
         engine's latent-mask fusion blends in the background's velocity so)."""
         view = copy.copy(self)
         view._velocity_hooks = (*self._velocity_hooks, hook)
+        return view
+
+    def with_scheduler(self, config) -> QwenImageEditModel:
+        """The same model sampling with another scheduler config (a few-step preset's: see
+        editkit.models.lightning), sharing the weights."""
+        view = copy.copy(self)
+        view.scheduler = type(self.scheduler).from_config(dict(config))
+        return view
+
+    def with_cfg_parallel(self, split) -> QwenImageEditModel:
+        """The same model whose `predict` batch is shared between processes: `split(predict, *args)`
+        runs this process's share through `predict` and returns the whole batch's velocity
+        (editkit.infer.parallel.CfgParallel: the conditional and negative halves of a true-CFG batch
+        on two GPUs). Velocity hooks run after it, on the whole batch."""
+        view = copy.copy(self)
+        view._batch_split = split
         return view
 
     def split_prompt_lengths(self, enabled: bool = True) -> None:
@@ -520,15 +549,18 @@ class QwenImageEditModel:
         outputs dropped. All samples must share `img_shapes` (diffusers' RoPE uses the first).
         """
         args = (latents, timestep, prompt_embeds, prompt_mask, img_shapes, cond_latents, attention_kwargs)
-        if self._split_lengths:
-            from editkit.models.accel import predict_by_prompt_length
-
-            velocity = predict_by_prompt_length(self._predict_once, *args)
-        else:
-            velocity = self._predict_once(*args)
+        velocity = self._batch_split(self._predict_batch, *args) if self._batch_split else self._predict_batch(*args)
         for hook in self._velocity_hooks:
             velocity = hook(velocity)
         return velocity
+
+    def _predict_batch(self, *args):
+        """The velocity of a whole batch (this process's share of it under `with_cfg_parallel`)."""
+        if self._split_lengths:
+            from editkit.models.accel import predict_by_prompt_length
+
+            return predict_by_prompt_length(self._predict_once, *args)
+        return self._predict_once(*args)
 
     def _predict_once(self, latents, timestep, prompt_embeds, prompt_mask, img_shapes, cond_latents,
                       attention_kwargs):

@@ -417,7 +417,7 @@ def build_cache(model_spec: str, manifest: str | Path, out_dir: str | Path, area
                 max_ratio: float = 4.0, family: str | None = None, dtype: str = "bf16", device: str | None = None,
                 shard_records: int = 64, progress: bool = True, model=None, batch_size: int = 16,
                 fields: dict[str, str] | None = None, overwrite: bool = False, repair: bool = False,
-                skip_bad: bool = False, **model_kwargs) -> dict:
+                skip_bad: bool = False, speed=None, **model_kwargs) -> dict:
     """Encode every record of `manifest` (this rank's share) into `out_dir`; skips what is done.
 
     Records of one shape key (target bucket, source sizes) are encoded `batch_size` at a time
@@ -429,6 +429,9 @@ def build_cache(model_spec: str, manifest: str | Path, out_dir: str | Path, area
     `repair` drops the records of bad shards (and of a damaged index) and encodes exactly those
     again. A record whose images cannot be read stops the run with one line naming it (finished
     shards are kept); with `skip_bad` it is left out and listed in the result's "bad".
+
+    `speed` (`editkit.infer.speed.SpeedOptions`) applies what concerns the VLM and VAE (offload) to
+    the model this loads; it does not change the tensors, so it is not in the fingerprint.
     """
     from editkit.data import read_manifest
     from editkit.data.images import make_buckets
@@ -454,7 +457,11 @@ def build_cache(model_spec: str, manifest: str | Path, out_dir: str | Path, area
     inputs = cache_inputs(model_spec, model, records, family, dtype, area, multiple, max_ratio, model_kwargs)
     claim_cache(out, inputs, overwrite, write=False)  # refuse before the (slow) model load
     if model is None:
+        from editkit.models import accel
+
         model = load_model(model_spec, family=family, dtype=dtype, device=device, **model_kwargs)
+        if speed is not None and speed.offload is not None:  # nothing else applies to the VLM and VAE
+            accel.apply_accel(model, speed.encoder_accel())
     if multiple % model.size_multiple:
         raise UserError(f"--multiple {multiple}: must be a multiple of {model.size_multiple} for this model")
     claim_cache(out, inputs, overwrite, write=True)
@@ -469,7 +476,8 @@ def build_cache(model_spec: str, manifest: str | Path, out_dir: str | Path, area
     if rank() == 0:
         write_run_manifest(out, "cache", {"model": str(model_spec), "manifest": str(manifest), "area": area,
                                           "multiple": multiple, "max_ratio": max_ratio, "family": family,
-                                          "dtype": dtype, "fields": fields or {}, **model_kwargs},
+                                          "dtype": dtype, "fields": fields or {}, **model_kwargs,
+                                          **({"offload": speed.offload} if speed is not None else {})},
                            name="cache.json", family=model.family.name, latent_channels=model.latent_channels)
     mine = shard(records)
     todo = [r for r in mine if not writer.done(r.id)]

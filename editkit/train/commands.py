@@ -67,6 +67,10 @@ def cache(
                                                         "and encode exactly those again."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out records whose images cannot be read and list "
                                                             "them at the end (default: stop at the first)."),
+    offload: str = typer.Option("none", "--offload", help="none, group or model: keep the networks in CPU memory and "
+                                                          "move them to the GPU as they run (lossless, for small "
+                                                          "GPUs). The other speed switches concern the transformer, "
+                                                          "which the cache does not run."),
 ) -> None:
     """Encode a manifest once (embeddings in en/cn/inverse/empty, latents, white latents) into a cache.
 
@@ -80,12 +84,14 @@ def cache(
     if missing:
         raise UserError(f"editkit cache: give {', '.join(missing)} (or `editkit cache verify DIR`)")
     from editkit.data.manifest import parse_field_overrides
+    from editkit.infer.speed import SpeedOptions
     from editkit.train.cache import build_cache
 
+    speed = SpeedOptions(offload=offload)
     result = build_cache(model, data, out, area, multiple, max_ratio, family=family, dtype=dtype, device=device,
                          shard_records=shard_records, batch_size=batch_size, fields=parse_field_overrides(field),
                          overwrite=overwrite, repair=repair, skip_bad=skip_bad, vae_image_size=vae_image_size,
-                         vlm_image_size=vlm_image_size)
+                         vlm_image_size=vlm_image_size, speed=speed)
     for what, reason in result["repaired"].items():
         typer.echo(f"repair: dropped {what} ({reason}); its records were encoded again")
     typer.echo(f"cached {result['records']} records ({result['skipped']} already done) in {result['out']}")
