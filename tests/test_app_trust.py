@@ -50,7 +50,9 @@ def app(tmp_path_factory):
 def _client(app, downloads):
     from gradio_client import Client
 
-    return Client(app.url, verbose=False, download_files=str(downloads))
+    # the client's own HTTP timeouts (httpx's default 5 s reads) would fail a request that is merely slow
+    return Client(app.url, verbose=False, download_files=str(downloads),
+                  httpx_kwargs={"timeout": REQUEST_TIMEOUT_S})
 
 
 def _upload(client, path):
