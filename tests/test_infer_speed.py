@@ -135,6 +135,17 @@ def test_chat_applies_the_switches(tmp_path, image, applied, capsys, monkeypatch
     assert code == 0, err
     (_, accel), = applied
     _expect_switches(accel)
+    history = json.loads((tmp_path / "s" / "history.json").read_text())
+    assert "lossless" in json.dumps(history)  # the chat's outputs record the switches (Engine.run_settings)
+
+
+def test_parallel_edit_outside_torchrun_is_one_line(tmp_path, image, capsys):
+    code, _, err = run_cli(capsys, "edit", *TINY, "--image", image, "--prompt", "x", "--out", tmp_path / "o.png",
+                           "--parallel", "cfg")
+    assert code == 2 and "torchrun" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "edit", *TINY, "--image", image, "--prompt", "x", "--out", tmp_path / "o.png",
+                           "--parallel", "tensor")
+    assert code == 2 and "--parallel 'tensor'" in err
 
 
 def test_infer_applies_the_switches_and_records_them_in_the_run_manifest(tmp_path, manifest, applied, capsys):
@@ -232,3 +243,23 @@ def test_fingerprints_of_runs_without_new_switches_are_unchanged():
     with_speed = DatasetRunConfig(speed=SpeedOptions(speed="lossless", attention="fa3").settings()).fingerprint(4.0)
     assert with_speed == plain and "preset" not in plain and "speed" not in plain
     assert DatasetRunConfig(preset="lightning-8step").fingerprint(4.0)["preset"] == "lightning-8step"
+
+
+def test_first_block_cache_edits_run_and_do_not_leak_between_runs():
+    """--cache-threshold: each sampling run enters the transformer's cache context (diffusers raises
+    without one) and starts from an empty cache, so the same request twice gives the same image."""
+    import numpy as np
+    from PIL import Image
+
+    from editkit.infer.engine import EditRequest, Engine
+    from editkit.models import accel, load_model
+
+    model = load_model("tiny", dtype="fp32", device="cpu")
+    accel.enable_first_block_cache(model, 0.2)
+    engine = Engine(model, model_name="tiny")
+    source = Image.new("RGB", (64, 64), (30, 90, 200))
+    first = engine.edit([EditRequest("make it red", [source], steps=3, seed=1)])[0]
+    wide = engine.edit([EditRequest("make it red", [Image.new("RGB", (96, 32))], steps=3, seed=1)])[0]
+    again = engine.edit([EditRequest("make it red", [source], steps=3, seed=1)])[0]
+    assert wide.size == (96, 32)
+    assert np.array_equal(np.asarray(first), np.asarray(again))

@@ -1,5 +1,6 @@
 """Config, timestep sampling, loss weighting, objectives (hand-computed), optimisers, checkpoints."""
 
+import contextlib
 import math
 import random
 
@@ -257,7 +258,7 @@ def test_bridge_sampler_one_step_inverts_a_perfect_drift():
     g = torch.Generator().manual_seed(0)
     source = torch.randint(-8, 8, (2, 16, 16), generator=g).float() / 4  # dyadic: exact arithmetic
     target = torch.randint(-8, 8, (2, 16, 16), generator=g).float() / 4
-    model = SimpleNamespace(predict=lambda x, t, *args: source - target)
+    model = SimpleNamespace(predict=lambda x, t, *args: source - target, denoising=contextlib.nullcontext)
     inputs = SimpleNamespace(prompt_embeds=None, prompt_mask=None, img_shapes=None, cond_latents=None)
     assert torch.equal(sample_bridge(model, inputs, source, steps=1, bridge_noise=0.005, seeds=[0, 1]), target)
     many = sample_bridge(model, inputs, source, steps=4, bridge_noise=0.0, seeds=[0, 1])

@@ -15,7 +15,7 @@ from editkit.app.actions import AppController, AppDefaults, LoraChoice
 from editkit.app.address import DEFAULT_HOST, DEFAULT_PORT
 from editkit.app.limits import AppLimits
 from editkit.errors import UserError
-from editkit.infer.speed import SpeedOptions, apply_speed
+from editkit.infer.speed import SpeedOptions, apply_speed, run_settings
 
 TINY_STEPS = 4  # the tiny preset is random: more steps only cost time
 MAX_QUEUE = 32  # waiting jobs beyond this get "queue is full" instead of an endless wait
@@ -77,7 +77,8 @@ def build_controller(model: str, loras: Sequence[str] = (), limits: AppLimits | 
     device = resolve_device(device, "--device")
     speed = (speed or SpeedOptions()).resolved(device)
     loaded = load_model(model, dtype=resolve_dtype(dtype, device), device=device)
-    engine = Engine(loaded.with_scheduler(chosen.scheduler) if chosen else loaded, model_name=str(model))
+    engine = Engine(loaded.with_scheduler(chosen.scheduler) if chosen else loaded, model_name=str(model),
+                    run_settings=run_settings(speed, chosen))
     apply_speed(engine.model, speed)
     if chosen:
         defaults = AppDefaults(steps=chosen.steps, true_cfg_scale=chosen.true_cfg_scale)

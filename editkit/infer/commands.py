@@ -19,6 +19,7 @@ from editkit.infer.speed import (
     SpeedOpt,
     SpeedOptions,
     apply_speed,
+    run_settings,
 )
 
 ModelOpt = Annotated[str, typer.Option("--model", help="A diffusers-format model folder, or tiny / tiny:<family>.")]
@@ -37,6 +38,7 @@ SamplerOpt = Annotated[str, typer.Option("--sampler", help="flow (flow matching,
 FusionOpt = Annotated[str, typer.Option("--fusion", help="off, pixel-mask, latent-mask or latent+pixel-mask (needs a mask; white = edit).")]
 FeatherOpt = Annotated[int, typer.Option("--feather", help="Pixel-mask seam width in pixels (0 to 256).")]
 WidthOpt = Annotated[Optional[int], typer.Option("--width", help="Output width, a multiple of the model's size multiple (16) up to 4096 (default: the family's area at the source's aspect).")]
+ParallelOpt = Annotated[str, typer.Option("--parallel", help="none, cfg (the conditional and negative passes on 2 processes) or ulysses (context parallel over all processes): one edit shared by the processes of a torchrun launch, for latency.")]
 HeightOpt = Annotated[Optional[int], typer.Option("--height", help="Output height (as --width).")]
 
 
@@ -60,7 +62,8 @@ def _or_preset(value, preset, field: str, default):
     return getattr(preset, field) if preset is not None else default
 
 
-def _engine(model: str, family, transformer, dtype: str, device, specs, fuse_lora: bool, speed, preset=None):
+def _engine(model: str, family, transformer, dtype: str, device, specs, fuse_lora: bool, speed, preset=None,
+            parallel: str = "none"):
     """Load the model into an Engine with the preset's scheduler and the LoRAs, then apply the speed
     switches; device, LoRA and speed options are checked before the slow load. Returns the engine and
     the speed options resolved for its device."""
@@ -73,17 +76,17 @@ def _engine(model: str, family, transformer, dtype: str, device, specs, fuse_lor
     speed = speed.resolved(device)
     dtype = resolve_dtype(dtype, device)
     loaded = load_model(model, family=family, transformer=transformer, dtype=dtype, device=device)
+    if parallel != "none":
+        from editkit.infer.parallel import apply_parallel
+
+        loaded = apply_parallel(loaded, parallel)
     engine = Engine(loaded.with_scheduler(preset.scheduler) if preset else loaded,
-                    model_name=str(model), transformer_name=str(transformer) if transformer else None)
+                    model_name=str(model), transformer_name=str(transformer) if transformer else None,
+                    run_settings=run_settings(speed, preset))
     if specs:
         engine.load_loras(specs, fuse=fuse_lora)
     apply_speed(engine.model, speed)
     return engine, speed
-
-
-def _run_settings(speed, preset) -> dict:
-    """What a run adds to its outputs' settings: the preset and the speed switches."""
-    return {"preset": preset.name if preset else None, "speed": speed.settings()}
 
 
 def _step_bar():
@@ -132,6 +135,7 @@ def edit_command(
     fp8: Fp8Opt = "off",
     offload: OffloadOpt = "none",
     cache_threshold: CacheThresholdOpt = None,
+    parallel: ParallelOpt = "none",
 ) -> None:
     """Edit one image (or several source images) with an instruction."""
     from editkit.data.images import load_image, load_mask
@@ -153,11 +157,16 @@ def edit_command(
                           true_cfg_scale=_or_preset(cfg, chosen, "true_cfg_scale", TRUE_CFG_SCALE),
                           steps=_or_preset(steps, chosen, "steps", STEPS), seed=seed, width=width, height=height,
                           mask=mask_image, fusion=fusion, feather=feather, sampler=sampler).check()
+    if parallel not in ("none", "cfg", "ulysses"):
+        raise UserError(f"--parallel {parallel!r}: use none, cfg or ulysses")
     engine, speed_options = _engine(model, family, transformer, dtype, device, specs, fuse_lora, speed_options,
-                                    chosen)
+                                    chosen, parallel)
     result = engine.edit([request], progress=_step_bar())[0]
-    save_image(out, result, {**engine.settings(request), **_run_settings(speed_options, chosen)})
-    typer.echo(f"wrote {out} ({result.width}x{result.height})")
+    from editkit.utils import dist
+
+    if dist.rank() == 0:  # under --parallel every process holds the same image
+        save_image(out, result, engine.settings(request))
+        typer.echo(f"wrote {out} ({result.width}x{result.height})")
 
 
 def chat_command(

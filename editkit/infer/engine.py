@@ -127,10 +127,13 @@ class Engine:
     at a time, so a LoRA change never lands in the middle of an edit.
     """
 
-    def __init__(self, model, model_name: str = "", max_batch: int = 4, transformer_name: str | None = None):
+    def __init__(self, model, model_name: str = "", max_batch: int = 4, transformer_name: str | None = None,
+                 run_settings: dict | None = None):
         self.model = model
         self.model_name = model_name
         self.transformer_name = transformer_name
+        self.run_settings = dict(run_settings or {})
+        """How the model runs (a few-step preset, the speed switches): recorded in every output's settings."""
         self.max_batch = max_batch
         self.loras: list = []
         self._lock = threading.RLock()
@@ -202,6 +205,7 @@ class Engine:
             "family": self.model.family.name,
             "lora": [[spec.path, spec.scale] for spec in self.loras],
             **extra,
+            **self.run_settings,
         }
 
     # ----- editing ---------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def sample(
         mask = None  # no padding: skip the attention mask (as the pipelines do), once, not per step
 
     scheduler = make_scheduler(model, steps, latents.shape[1])
-    with torch.no_grad():
+    with torch.no_grad(), model.denoising():
         for i, t in enumerate(scheduler.timesteps):
             timestep = t.expand(batch).to(latents.dtype) / 1000
             model_in = torch.cat([latents] * 2) if any_cfg else latents
@@ -192,7 +192,7 @@ def sample_bridge(
     generators = [torch.Generator("cpu").manual_seed(s) for s in _seeds(seeds, batch)]
     sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
     x = source_latents
-    with torch.no_grad():
+    with torch.no_grad(), model.denoising():
         for i in range(steps):
             s, s_next = sigmas[i], sigmas[i + 1]
             timestep = torch.full((batch,), s, device=x.device, dtype=x.dtype)

@@ -136,3 +136,8 @@ def apply_speed(model, options: SpeedOptions) -> None:
     if wanted == unchanged and accel.pick_attention_backend(model.device, model.dtype) is None:
         return
     accel.apply_accel(model, wanted)
+
+
+def run_settings(speed, preset) -> dict:
+    """What an engine records in every output's settings: the few-step preset and the speed switches."""
+    return {"preset": preset.name if preset else None, "speed": speed.settings()}

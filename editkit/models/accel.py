@@ -259,9 +259,11 @@ def predict_by_prompt_length(predict, latents, timestep, prompt_embeds, prompt_m
 
 
 def _block_linears(transformer):
-    """Filter for torchao: the linear layers inside the repeated blocks."""
+    """Filter for torchao: the linear layers inside the repeated blocks, not a LoRA's own small
+    layers (PEFT's lora_A / lora_B inside a wrapped layer stay in the compute dtype)."""
     def keep(module, fqn):
-        return isinstance(module, torch.nn.Linear) and fqn.startswith("transformer_blocks.")
+        return (isinstance(module, torch.nn.Linear) and fqn.startswith("transformer_blocks.")
+                and ".lora_" not in fqn)
     return keep
 
 

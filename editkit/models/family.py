@@ -17,6 +17,7 @@ Conventions every family follows (the samplers and the trainer rely on them):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -130,6 +131,8 @@ class EditModel(Protocol):
     def with_scheduler(self, config: Mapping[str, Any]) -> EditModel:
         """The same model sampling with another scheduler config (the sampler reads `scheduler.config`)."""
     def split_prompt_lengths(self, enabled: bool = True) -> None: ...
+    def denoising(self) -> AbstractContextManager:
+        """A context around one sampling run (the samplers enter it): step caches start and end empty."""
 
 
 class ModelFamily(Protocol):

@@ -17,6 +17,7 @@ diffusers pipelines, every method takes a batch (B > 1).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -367,6 +368,22 @@ class QwenImageEditModel:
         view = copy.copy(self)
         view._batch_split = split
         return view
+
+    @contextlib.contextmanager
+    def denoising(self):
+        """One sampling run: diffusers' step caches on the transformer (the first-block cache of
+        `--cache-threshold`) get their context and start and end empty, so a run never reuses another
+        run's (or another batch shape's) cached residuals. A no-op without such a cache."""
+        transformer = self.transformer
+        if not getattr(transformer, "is_cache_enabled", False):  # a DDP wrapper or no cache enabled
+            yield
+            return
+        transformer._reset_stateful_cache()
+        try:
+            with transformer.cache_context("edit"):
+                yield
+        finally:
+            transformer._reset_stateful_cache()
 
     def split_prompt_lengths(self, enabled: bool = True) -> None:
         """Run a batch of right-padded prompts of different lengths as one unmasked pass per
