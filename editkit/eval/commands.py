@@ -65,7 +65,8 @@ def eval_command(
     data: Path = typer.Option(..., "--data", help="Manifest of the evaluated records (ground truth, masks, sources)."),
     out: Path = typer.Option(..., "--out", help="Output folder (per_sample.csv, summary.json, cache/)."),
     metrics: list[str] = typer.Option(None, "--metrics", help="Metric groups, comma-separated: pixel, seam, effnet, "
-                                                              "fid, clip, dino, dinov3, siglip2, dreamsim, lpips. "
+                                                              "fid, clip, dino, dinov3, siglip2, dreamsim, lpips, rgba (RGBA "
+                                                              "reconstructions). "
                                                               "Default: pixel,seam,effnet,fid + those with --weights."),
     weights: list[str] = typer.Option([], "--weights", help="NAME=PATH: a weights folder for a feature metric "
                                                             "(HF format), e.g. clip=/models/clip-vit-base-patch32."),

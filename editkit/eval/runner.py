@@ -28,7 +28,7 @@ from editkit.data.records import EditRecord
 from editkit.errors import UserError
 from editkit.eval.cache import Entry, entry_path, load_entry
 from editkit.eval.ranks import gather, rank_group
-from editkit.eval.sample import RESIZE_POLICY, Sample, load_sample, to_array
+from editkit.eval.sample import RESIZE_POLICY, Sample, add_rgba, load_sample, to_array
 from editkit.utils import dist
 from editkit.utils.atomic import write_json, write_text
 from editkit.utils.fingerprint import FILE_NAME as FINGERPRINT_FILE
@@ -151,6 +151,8 @@ class FeatureModels:
 def _sample_metrics(sample: Sample, groups: list[str]) -> dict:
     from editkit.eval.metrics.pixel import COLUMNS as PIXEL_COLUMNS
     from editkit.eval.metrics.pixel import pixel_metrics
+    from editkit.eval.metrics.rgba import COLUMNS as RGBA_COLUMNS
+    from editkit.eval.metrics.rgba import rgba_metrics
     from editkit.eval.metrics.seams import seam_metrics
 
     out: dict = {}
@@ -162,6 +164,9 @@ def _sample_metrics(sample: Sample, groups: list[str]) -> dict:
     if "seam" in groups:
         source = to_array(sample.sources[0]) if sample.sources else None
         out.update(seam_metrics(pred, sample.mask, source, target))
+    if "rgba" in groups:
+        out.update(rgba_metrics(sample.pred_rgba, sample.target_rgba) if sample.target_rgba is not None
+                   else dict.fromkeys(RGBA_COLUMNS, math.nan))
     return out
 
 
@@ -170,6 +175,7 @@ def compute_batch(batch: list[Work], cache_dir: Path, models: FeatureModels) -> 
     from editkit.eval.metrics import FEATURE_METRICS, SAMPLE_GROUPS
 
     samples = [load_sample(w.record, w.pred_path) for w in batch]
+    samples = [add_rgba(s, w.record, w.pred_path) if "rgba" in w.groups else s for w, s in zip(batch, samples)]
     for w, sample in zip(batch, samples):
         groups = [g for g in w.groups if g in SAMPLE_GROUPS]
         if groups:

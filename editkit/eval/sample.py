@@ -3,6 +3,10 @@
 Resize policy (stated in every summary): the prediction is resized to the ground truth's size
 (PIL bicubic), as MagicBrush does; the mask is resized with nearest neighbour and the sources with
 bicubic to that size. Without a ground truth the first source's size is the reference.
+
+`pred` and `target` are RGB (transparency composited over white, `editkit.data.images.load_image`);
+`add_rgba` also gives a sample both as RGBA arrays (`pred_rgba`, `target_rgba`), for the metrics
+of RGBA reconstructions (`editkit.eval.metrics.rgba`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class Sample:
     sources: list[Image.Image] = field(default_factory=list)
     text: str = ""  # caption for text-image similarity
     task: str | None = None
+    pred_rgba: np.ndarray | None = None  # (H, W, 4) float64 in [0, 1], straight alpha; see add_rgba
+    target_rgba: np.ndarray | None = None
 
 
 def caption(record: EditRecord) -> str:
@@ -44,6 +50,16 @@ def caption(record: EditRecord) -> str:
 def to_array(img: Image.Image) -> np.ndarray:
     """(H, W, 3) float64 in [0, 1]."""
     return np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+
+
+def _rgba_array(path, size: tuple[int, int]) -> np.ndarray:
+    """The image at `path` as (H, W, 4) float64 in [0, 1], resized to `size` (PIL bicubic) when it differs."""
+    from editkit.data.images import load_image
+
+    img = load_image(path, "RGBA")
+    if img.size != size:
+        img = img.resize(size, Image.BICUBIC)
+    return np.asarray(img, dtype=np.float64) / 255.0
 
 
 def load_sample(record: EditRecord, pred_path: Path) -> Sample:
@@ -63,3 +79,10 @@ def load_sample(record: EditRecord, pred_path: Path) -> Sample:
             m = m.resize(reference, Image.NEAREST)
         mask = np.asarray(m) > 127
     return Sample(record.id, pred, target, mask, sources, caption(record), record.task)
+
+
+def add_rgba(sample: Sample, record: EditRecord, pred_path: Path) -> Sample:
+    """`sample` with `pred_rgba` and `target_rgba` (None without a ground truth), aligned like its RGB images."""
+    sample.pred_rgba = _rgba_array(pred_path, sample.pred.size)
+    sample.target_rgba = _rgba_array(record.target, sample.pred.size) if record.target else None
+    return sample

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-layers_app = typer.Typer(help="Layered RGBA data (Qwen-Image-Layered): prepare, validate, synthesize.",
+layers_app = typer.Typer(help="Layered RGBA data and the RGBA-VAE (Qwen-Image-Layered): prepare, validate, synthesize, convert.",
                          no_args_is_help=True)
 
 
@@ -80,5 +80,8 @@ def synth(
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the editkit app."""
+    """Add this area's commands (and the RGBA-VAE's, editkit.layers.vae_commands) to the editkit app."""
+    from editkit.layers.vae_commands import register as register_vae
+
+    register_vae(layers_app)
     app.add_typer(layers_app, name="layers")

@@ -1,7 +1,8 @@
 """What the training loop (editkit.train.trainer) needs from a stage: the `Task` protocol.
 
-Implemented by editkit.train.edit_task.EditTask (the `edit` stage) and
-editkit.train.vae_stage.VaeTask (the `vae` stage). A stage without something to offer still has
+Implemented by editkit.train.edit_task.EditTask (the `edit` stage),
+editkit.train.vae_stage.VaeTask (the `vae` stage) and editkit.train.rgba_vae_stage.RgbaVaeTask
+(the `rgba_vae` stage). A stage without something to offer still has
 the member: `info` is {}, `validation_loss` and `preview` return None, and so does
 `export_gathered` when a sharded run's gathered weights are not enough to export.
 """
@@ -44,8 +45,11 @@ class Task(Protocol):
 
     def loss(self, batch: Any, generator: torch.Generator) -> LossOutput: ...
 
-    def validation_loss(self, seed: int) -> float | None:
-        """The loss on fixed validation samples with fixed noise; None without validation data."""
+    def validation_loss(self, seed: int) -> float | dict[str, float] | None:
+        """The loss on fixed validation samples with fixed noise; None without validation data.
+
+        A stage that measures more than a loss returns named values instead: metrics.csv gets
+        each as a `val_<name>` column (so its "loss" is `val_loss`)."""
 
     def preview(self, path: Path, steps: int, cfg_scale: float) -> Path | None:
         """Write a preview image to `path` and return it; None when there is nothing to show."""

@@ -70,6 +70,10 @@ def build_task(cfg: TrainConfig, accelerator) -> Task:
         from editkit.train.vae_stage import VaeTask
 
         return VaeTask(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
+    if cfg.stage == "rgba_vae":
+        from editkit.train.rgba_vae_stage import RgbaVaeTask
+
+        return RgbaVaeTask(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
     from editkit.train.edit_task import EditTask
 
     return EditTask(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
@@ -107,6 +111,10 @@ def run_fingerprint(cfg: TrainConfig) -> dict:
     inputs["model"] = folder_stamp(cfg.model)
     inputs["transformer"] = folder_stamp(cfg.transformer) if cfg.transformer else None
     inputs["data.cache"] = [_cache_identity(open_cache(c, cfg.data)) for c in cfg.data.cache]
+    if cfg.stage == "rgba_vae":  # data.train names a `layers prep` folder, the VAE is a folder too
+        inputs["data.train"] = [folder_stamp(d.manifest) for d in cfg.data.train]
+        inputs["rgba_vae.rgb_checkpoint"] = folder_stamp(cfg.rgba_vae.rgb_checkpoint)
+        return inputs
     inputs["data.train"] = [{**d.model_dump(), "manifest": records_stamp(read_records(d.manifest, cfg.data.fields))}
                             for d in cfg.data.train]
     return inputs
@@ -224,9 +232,7 @@ def _train(cfg: TrainConfig, accelerator, resume, overwrite, stop_after, progres
             step_seconds = time.perf_counter() - step_start  # train_step's last gather waited for every rank
             row = _metrics_row(cfg, run, step, result, step_seconds)
             bar.update(bar_task, completed=step, status=f"loss {result.loss:.4f}")
-            val_loss = _periodic(cfg, run, logger, out, step)
-            if val_loss is not None:
-                row["val_loss"] = val_loss
+            row.update(validation_columns(_periodic(cfg, run, logger, out, step)))
             if logger is not None and row:
                 logger.log(step, row)  # one row per step, validation included
             if step % cfg.loop.checkpoint_every == 0 or step == cfg.loop.max_steps:
@@ -410,9 +416,18 @@ def _metrics_row(cfg: TrainConfig, run: Training, step: int, result: StepResult,
     return row
 
 
-def _periodic(cfg: TrainConfig, run: Training, logger, out: Path, step: int) -> float | None:
-    """Previews and (returned) the validation loss, on the main process, with schedule-free weights
-    in eval mode."""
+def validation_columns(value: float | dict[str, float] | None) -> dict[str, float]:
+    """metrics.csv columns of what `Task.validation_loss` returned: val_loss, or val_<name> for each named value."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return {f"val_{name}": v for name, v in value.items()}
+    return {"val_loss": value}
+
+
+def _periodic(cfg: TrainConfig, run: Training, logger, out: Path, step: int) -> float | dict[str, float] | None:
+    """Previews and (returned) the validation loss or metrics, on the main process, with
+    schedule-free weights in eval mode."""
     do_val = cfg.loop.validate_every and step % cfg.loop.validate_every == 0
     do_preview = cfg.loop.preview_every and step % cfg.loop.preview_every == 0
     if not (do_val or do_preview):

@@ -1,7 +1,8 @@
 """The metric registry.
 
 Groups (names for `--metrics`):
-- per-sample, CPU: `pixel` (MSE/MAE/PSNR/SSIM whole, `_in`, `_out`), `seam` (seam, seam_excess, ghost)
+- per-sample, CPU: `pixel` (MSE/MAE/PSNR/SSIM whole, `_in`, `_out`), `seam` (seam, seam_excess, ghost),
+  `rgba` (RGBA reconstructions: 9-background PSNR/SSIM, alpha-weighted L1, alpha soft IoU)
 - per-sample, batched on the device: `effnet` (works out of the box), `clip`, `dino`, `dinov3`,
   `siglip2`, `dreamsim`, `lpips` (these need `--weights NAME=PATH`)
 - per-run: `fid` (FID and KID with EfficientNet-Lite0 features; needs `effnet`)
@@ -9,13 +10,13 @@ Groups (names for `--metrics`):
 
 from __future__ import annotations
 
-from editkit.eval.metrics import pixel, seams
+from editkit.eval.metrics import pixel, rgba, seams
 from editkit.eval.metrics.base import FeatureMetric, Unavailable
 from editkit.eval.metrics.effnet import EffNetMetric
 from editkit.eval.metrics.hf import ClipMetric, DinoMetric, Dinov3Metric, Siglip2Metric
 from editkit.eval.metrics.perceptual import DreamSimMetric, LpipsMetric
 
-SAMPLE_GROUPS: dict[str, tuple[str, ...]] = {"pixel": pixel.COLUMNS, "seam": seams.COLUMNS}
+SAMPLE_GROUPS: dict[str, tuple[str, ...]] = {"pixel": pixel.COLUMNS, "seam": seams.COLUMNS, "rgba": rgba.COLUMNS}
 FEATURE_METRICS: dict[str, type[FeatureMetric]] = {
     cls.name: cls for cls in (EffNetMetric, ClipMetric, DinoMetric, Dinov3Metric, Siglip2Metric,
                               DreamSimMetric, LpipsMetric)
@@ -26,7 +27,7 @@ DEFAULT_GROUPS = ("pixel", "seam", "effnet", "fid")
 # Direction of "better" for reports (True: higher is better). Columns not listed: higher is better.
 LOWER_IS_BETTER = {
     *(c for c in pixel.COLUMNS if c.startswith(("mse", "mae"))),
-    "seam", "seam_excess", "ghost", "dreamsim", "lpips", "fid_effnet", "kid_effnet",
+    "seam", "seam_excess", "ghost", "rgba_l1", "dreamsim", "lpips", "fid_effnet", "kid_effnet",
 }
 
 
