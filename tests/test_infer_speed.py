@@ -263,3 +263,10 @@ def test_first_block_cache_edits_run_and_do_not_leak_between_runs():
     again = engine.edit([EditRequest("make it red", [source], steps=3, seed=1)])[0]
     assert wide.size == (96, 32)
     assert np.array_equal(np.asarray(first), np.asarray(again))
+
+
+def test_auto_speed_for_one_edit_on_cuda_is_eager():
+    """Compiling does not pay for a single image (measured; editkit.infer.speed.CUDA_SPEED)."""
+    assert SpeedOptions().resolved("cuda", single_edit=True).speed == "eager"
+    assert SpeedOptions().resolved("cuda").speed == CUDA_SPEED == "lossless"
+    assert SpeedOptions(speed="lossless").resolved("cuda", single_edit=True).speed == "lossless"

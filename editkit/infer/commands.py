@@ -63,7 +63,7 @@ def _or_preset(value, preset, field: str, default):
 
 
 def _engine(model: str, family, transformer, dtype: str, device, specs, fuse_lora: bool, speed, preset=None,
-            parallel: str = "none"):
+            parallel: str = "none", single_edit: bool = False):
     """Load the model into an Engine with the preset's scheduler and the LoRAs, then apply the speed
     switches; device, LoRA and speed options are checked before the slow load. Returns the engine and
     the speed options resolved for its device."""
@@ -73,7 +73,7 @@ def _engine(model: str, family, transformer, dtype: str, device, specs, fuse_lor
     from editkit.utils import dist
 
     device = dist.resolve_device(device)
-    speed = speed.resolved(device)
+    speed = speed.resolved(device, single_edit)
     dtype = resolve_dtype(dtype, device)
     loaded = load_model(model, family=family, transformer=transformer, dtype=dtype, device=device)
     if parallel != "none":
@@ -160,7 +160,7 @@ def edit_command(
     if parallel not in ("none", "cfg", "ulysses"):
         raise UserError(f"--parallel {parallel!r}: use none, cfg or ulysses")
     engine, speed_options = _engine(model, family, transformer, dtype, device, specs, fuse_lora, speed_options,
-                                    chosen, parallel)
+                                    chosen, parallel, single_edit=True)
     result = engine.edit([request], progress=_step_bar())[0]
     from editkit.utils import dist
 
