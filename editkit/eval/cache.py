@@ -10,6 +10,7 @@ vectors (for FID/KID) are stored as base64 float32 so the files stay small.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import math
@@ -89,6 +90,18 @@ def load_entry(path: Path, record, pred_path: Path) -> Entry:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return Entry(current)
-    if data.get("stamp") != current:
-        return Entry(current)
+    if not isinstance(data, dict) or data.get("stamp") != current or not _readable(data):
+        return Entry(current)  # stale or damaged: the entry is derived data, so it is computed again
     return Entry(current, data.get("values"), data.get("features"))
+
+
+def _readable(data: dict) -> bool:
+    """Values a mapping and every feature vector decodable (a flipped byte in a cached vector must
+    not become a traceback, or a wrong vector)."""
+    values, features = data.get("values", {}), data.get("features", {})
+    if not isinstance(values, dict) or not isinstance(features, dict):
+        return False
+    try:
+        return all(len(base64.b64decode(text, validate=True)) % 4 == 0 for text in features.values())
+    except (binascii.Error, TypeError, ValueError):
+        return False

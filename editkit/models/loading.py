@@ -9,6 +9,7 @@ transformer may come from another folder (`transformer=`): either a component fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -115,6 +116,20 @@ def resolve_family(root: Path, transformer_dir: Path, family: str | None) -> str
     )
 
 
+@contextlib.contextmanager
+def weights_that_fit(root: Path):
+    """Weights that parse but do not fit their config (a damaged header names other tensors or
+    shapes, an edited config.json asks for other sizes) are one line, not the loader's traceback.
+    The loaders say it as a ValueError (shape mismatch); tensors a header lacks stay on the meta
+    device, which `load_model` checks after loading."""
+    try:
+        yield
+    except (ValueError, NotImplementedError, KeyError) as err:
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise UserError(f"{root}: its weights do not fit its config.json ({reason}); re-download the model "
+                        "or save it again") from None
+
+
 def load_model(
     spec: str | Path,
     family: str | None = None,
@@ -153,7 +168,13 @@ def load_model(
     else:
         root = Path(spec)
         transformer_dir, spec_family, areas = inspect_folder(root, family, transformer)
-        model = spec_family.load_folder(root, transformer_dir, torch_type, {**areas, **given}, device=stream_to)
+        with weights_that_fit(root):
+            model = spec_family.load_folder(root, transformer_dir, torch_type, {**areas, **given}, device=stream_to)
+        for name, module in model.modules().items():
+            missing = next((n for n, p in module.named_parameters() if p.is_meta), None)
+            if missing is not None:  # the file's header names other tensors than the config needs
+                raise UserError(f"{root}/{name}: its weights lack {missing} (a damaged or mismatched safetensors "
+                                "file); re-download the model or save it again")
     if transformer is not None and is_tiny_spec(spec):
         transformer_dir = _transformer_folder(transformer)
         check_files([transformer_dir])

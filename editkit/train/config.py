@@ -362,7 +362,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise UserError(f"{p}: config file not found; give the path of a YAML file (see configs/)")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise UserError(f"{p}: not UTF-8 text (byte {err.start}); a training config is a YAML text file") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""
