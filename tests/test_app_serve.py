@@ -21,10 +21,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _default_sigint() -> None:
+    # A test run started in the background (`make test &`, nohup) inherits SIGINT as ignored, and
+    # Python then installs no KeyboardInterrupt handler: the server would not see the test's Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _editkit(*args, **kwargs):
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "-m", "editkit", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint, **kwargs)
 
 
 @pytest.mark.slow
