@@ -153,9 +153,19 @@ def load_edit_model(cfg: TrainConfig, device):
     return model
 
 
+def manifest_identity(cfg: TrainConfig) -> dict:
+    """`data.train` by content: each manifest's records with their files' stamps (edit and vae stages)."""
+    from editkit.utils.fingerprint import records_stamp
+
+    return {"data.train": [{**d.model_dump(), "manifest": records_stamp(read_records(d.manifest, cfg.data.fields))}
+                           for d in cfg.data.train]}
+
+
 class EditTask:
     """Model, data and loss of the edit stage (an editkit.train.task.Task); the loop
     (editkit.train.trainer) drives it."""
+
+    data_identity = staticmethod(manifest_identity)
 
     def __init__(self, cfg: TrainConfig, device, rank: int = 0, world: int = 1):
         from editkit.data.images import make_buckets

@@ -98,6 +98,14 @@ class UnclampedVaeForTraining(VaeForTraining):
 class RgbaVaeTask:
     """Model, data and loss of the rgba_vae stage (an editkit.train.task.Task)."""
 
+    @staticmethod
+    def data_identity(cfg: TrainConfig) -> dict:
+        """data.train names a `layers prep` folder and the start VAE is a folder: both by file stamps."""
+        from editkit.utils.fingerprint import folder_stamp
+
+        return {"data.train": [folder_stamp(d.manifest) for d in cfg.data.train],
+                "rgba_vae.rgb_checkpoint": folder_stamp(cfg.rgba_vae.rgb_checkpoint)}
+
     def __init__(self, cfg: TrainConfig, device, rank: int = 0, world: int = 1):
         from editkit.layers.dataset import component_dataloader
         from editkit.layers.records import read_prepared

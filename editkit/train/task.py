@@ -37,6 +37,11 @@ class Task(Protocol):
     info: dict
     """Facts about the run recorded in run.json (e.g. LoRA targets, trainable parameter count)."""
 
+    @staticmethod
+    def data_identity(cfg) -> dict:
+        """The run-fingerprint entries that identify the stage's data by content (record or folder
+        stamps), computed before the task is built (editkit.train.trainer.run_fingerprint)."""
+
     def set_module(self, module: nn.Module) -> None:
         """Run the loss through `module` (the wrapped module while training, the plain one for
         validation and previews on the main process)."""

@@ -15,6 +15,7 @@ uninterrupted one step for step.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import sys
 import time
@@ -32,7 +33,7 @@ from editkit.train.optim import build_optimizer, build_schedule, clips_gradients
 from editkit.train.task import Task
 from editkit.train.trainable import load_trainable_state_dict, trainable_state_dict
 from editkit.utils.fingerprint import FILE_NAME as FINGERPRINT
-from editkit.utils.fingerprint import claim_folder, digest, folder_stamp, records_stamp
+from editkit.utils.fingerprint import claim_folder, digest, folder_stamp
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -65,18 +66,21 @@ def make_accelerator(cfg: TrainConfig):
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
 
 
+STAGES = {
+    "edit": ("editkit.train.edit_task", "EditTask"),
+    "vae": ("editkit.train.vae_stage", "VaeTask"),
+    "rgba_vae": ("editkit.train.rgba_vae_stage", "RgbaVaeTask"),
+}
+"""Training stage name (`stage:` in a config) -> the module and class of its Task."""
+
+
+def task_class(stage: str) -> type[Task]:
+    module, name = STAGES[stage]
+    return getattr(importlib.import_module(module), name)
+
+
 def build_task(cfg: TrainConfig, accelerator) -> Task:
-    if cfg.stage == "vae":
-        from editkit.train.vae_stage import VaeTask
-
-        return VaeTask(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
-    if cfg.stage == "rgba_vae":
-        from editkit.train.rgba_vae_stage import RgbaVaeTask
-
-        return RgbaVaeTask(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
-    from editkit.train.edit_task import EditTask
-
-    return EditTask(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
+    return task_class(cfg.stage)(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
 
 
 @contextlib.contextmanager
@@ -105,18 +109,13 @@ def run_fingerprint(cfg: TrainConfig) -> dict:
     """What decides the trained weights (editkit.utils.fingerprint): the settings a resume may not
     change (editkit.train.config.trajectory_settings), with the model, caches and manifests by
     identity (file stamps, shard checksums, record stamps) instead of by path."""
-    from editkit.train.edit_task import open_cache, read_records
+    from editkit.train.edit_task import open_cache
 
     inputs = trajectory_settings(cfg)
     inputs["model"] = folder_stamp(cfg.model)
     inputs["transformer"] = folder_stamp(cfg.transformer) if cfg.transformer else None
     inputs["data.cache"] = [_cache_identity(open_cache(c, cfg.data)) for c in cfg.data.cache]
-    if cfg.stage == "rgba_vae":  # data.train names a `layers prep` folder, the VAE is a folder too
-        inputs["data.train"] = [folder_stamp(d.manifest) for d in cfg.data.train]
-        inputs["rgba_vae.rgb_checkpoint"] = folder_stamp(cfg.rgba_vae.rgb_checkpoint)
-        return inputs
-    inputs["data.train"] = [{**d.model_dump(), "manifest": records_stamp(read_records(d.manifest, cfg.data.fields))}
-                            for d in cfg.data.train]
+    inputs.update(task_class(cfg.stage).data_identity(cfg))
     return inputs
 
 

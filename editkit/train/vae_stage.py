@@ -99,6 +99,12 @@ def image_paths(manifests: list[str], fields: dict[str, str] | None = None) -> l
 class VaeTask:
     """Model, data and loss of the vae stage (an editkit.train.task.Task)."""
 
+    @staticmethod
+    def data_identity(cfg: TrainConfig) -> dict:
+        from editkit.train.edit_task import manifest_identity
+
+        return manifest_identity(cfg)
+
     def __init__(self, cfg: TrainConfig, device, rank: int = 0, world: int = 1):
         self.cfg = cfg
         self.device = device
