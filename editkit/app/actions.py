@@ -38,6 +38,8 @@ from editkit.infer.session import EditSession
 
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 100
+MAX_CFG = 50.0
+"""The engine's limit (Flux Fill's embedded guidance defaults to 30)."""
 SIZE_MULTIPLE = 16
 
 
@@ -79,8 +81,8 @@ class EditSettings:
         if not 1 <= steps <= MAX_STEPS:
             raise UserError(f"Steps is {steps}; choose 1 to {MAX_STEPS}")
         cfg = float(self.true_cfg_scale if self.true_cfg_scale is not None else 1.0)
-        if not 1.0 <= cfg <= 20.0:
-            raise UserError(f"CFG is {cfg}; choose 1 (off) to 20")
+        if not 1.0 <= cfg <= MAX_CFG:
+            raise UserError(f"CFG is {cfg}; choose 1 (off) to {MAX_CFG:g}")
         seed = _integer(self.seed, "Seed")
         if not 0 <= seed <= MAX_SEED:
             raise UserError(f"Seed is {seed}; choose 0 to {MAX_SEED} (or press Random seed)")

@@ -76,8 +76,8 @@ def build_blocks(controller: AppController) -> gr.Blocks:
                 negative = gr.Textbox(label="Negative prompt (optional)", elem_id="negative")
                 with gr.Accordion("Settings", open=True):
                     with gr.Row():
-                        cfg = gr.Slider(1.0, 10.0, value=defaults.true_cfg_scale, step=0.5,
-                                        label="CFG (true CFG scale; 1 = off)", elem_id="cfg")
+                        cfg = gr.Slider(1.0, max(10.0, defaults.true_cfg_scale), value=defaults.true_cfg_scale,
+                                        step=0.5, label="CFG (guidance scale; 1 = off)", elem_id="cfg")
                         steps = gr.Slider(1, 100, value=defaults.steps, step=1, label="Steps", elem_id="steps")
                     with gr.Row():
                         seed = gr.Number(value=defaults.seed, precision=0, minimum=0, maximum=MAX_SEED,

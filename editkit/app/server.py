@@ -83,7 +83,8 @@ def build_controller(model: str, loras: Sequence[str] = (), limits: AppLimits | 
     if chosen:
         defaults = AppDefaults(steps=chosen.steps, true_cfg_scale=chosen.true_cfg_scale)
     else:
-        defaults = AppDefaults(steps=TINY_STEPS) if is_tiny_spec(model) else AppDefaults()
+        sampling = engine.model.family.sampling
+        defaults = AppDefaults(steps=TINY_STEPS if is_tiny_spec(model) else sampling.steps, true_cfg_scale=sampling.cfg)
     return AppController(engine, limits=limits, loras=choices, defaults=defaults, output_dir=output_dir)
 
 

@@ -30,7 +30,8 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:1
 LoraOpt = Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file, PATH or PATH:SCALE (repeatable; any key layout).")]
 FuseOpt = Annotated[bool, typer.Option("--fuse-lora", help="Merge the LoRAs into the weights (faster sampling).")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help=f"Sampling steps (default {STEPS}, or the --preset's).")]
-CfgOpt = Annotated[Optional[float], typer.Option("--cfg", help=f"True CFG scale, 1 turns CFG off (default {TRUE_CFG_SCALE:g}, or the --preset's).")]
+CfgOpt = Annotated[Optional[float], typer.Option("--cfg", help=f"Guidance scale, 1 turns it off: true CFG for Qwen (default {TRUE_CFG_SCALE:g}), embedded guidance for Flux Fill / ACE++ (30), text guidance for InstructPix2Pix (7.5); or the --preset's.")]
+ImageCfgOpt = Annotated[Optional[float], typer.Option("--image-cfg", help="Image guidance scale of families that have one (InstructPix2Pix / MagicBrush: default 1.5).")]
 PresetOpt = Annotated[str, typer.Option("--preset", help="auto (the Lightning preset a --lora file names, if any), none, lightning-8step or lightning-4step: its steps, CFG 1 and scheduler (give its LoRA with --lora).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Noise seed.")]
 NegativeOpt = Annotated[str, typer.Option("--negative", help="Negative prompt for true CFG.")]
@@ -116,6 +117,7 @@ def edit_command(
     negative: NegativeOpt = NEGATIVE_PROMPT,
     cfg: CfgOpt = None,
     steps: StepsOpt = None,
+    image_cfg: ImageCfgOpt = None,
     preset: PresetOpt = "auto",
     seed: SeedOpt = 0,
     width: WidthOpt = None,
@@ -146,21 +148,22 @@ def edit_command(
     check_output_file(out)
     speed_options = SpeedOptions(speed, attention, fp8, offload, cache_threshold)
     specs, chosen = _loras_and_preset(lora, preset, sampler)
-    if mask is not None and fusion == "off":
-        raise UserError(f"--mask {mask}: a mask is used only by mask fusion; add --fusion pixel-mask "
-                        "(or latent-mask, latent+pixel-mask), or leave --mask out")
     images = [load_image(p) for p in image]
     mask_image = load_mask(mask) if mask else None
     if mask_image is not None and images:
         check_mask_size(mask_image.size, images[0].size, f"--mask {mask}")
     request = EditRequest(prompt=prompt, images=images, negative_prompt=negative,
-                          true_cfg_scale=_or_preset(cfg, chosen, "true_cfg_scale", TRUE_CFG_SCALE),
-                          steps=_or_preset(steps, chosen, "steps", STEPS), seed=seed, width=width, height=height,
-                          mask=mask_image, fusion=fusion, feather=feather, sampler=sampler).check()
+                          true_cfg_scale=_or_preset(cfg, chosen, "true_cfg_scale", None),
+                          steps=_or_preset(steps, chosen, "steps", None), seed=seed, width=width, height=height,
+                          mask=mask_image, fusion=fusion, feather=feather, sampler=sampler, image_cfg=image_cfg).check()
     if parallel not in ("none", "cfg", "ulysses"):
         raise UserError(f"--parallel {parallel!r}: use none, cfg or ulysses")
     engine, speed_options = _engine(model, family, transformer, dtype, device, specs, fuse_lora, speed_options,
                                     chosen, parallel, single_edit=True)
+    if mask is not None and fusion == "off" and not engine.takes_mask():
+        raise UserError(f"--mask {mask}: family {engine.model.family.name} uses a mask only for mask fusion; add "
+                        "--fusion pixel-mask (or latent-mask, latent+pixel-mask), or leave --mask out")
+    request = engine.resolve(request)
     result = engine.edit([request], progress=_step_bar())[0]
     from editkit.utils import dist
 
@@ -202,8 +205,8 @@ def chat_command(
 
     speed_options = SpeedOptions(speed, attention, fp8, offload, cache_threshold)
     specs, chosen = _loras_and_preset(lora, preset)
-    cfg = check_cfg(_or_preset(cfg, chosen, "true_cfg_scale", TRUE_CFG_SCALE))
-    steps = _or_preset(steps, chosen, "steps", STEPS)
+    cfg = check_cfg(_or_preset(cfg, chosen, "true_cfg_scale", None))
+    steps = _or_preset(steps, chosen, "steps", None)
     check_sampling(steps, seed, "flow", 0)
     images = [load_image(p) for p in image]
     save = save or Path(f"chat-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
@@ -232,6 +235,7 @@ def infer_command(
     cfg: Annotated[Optional[str], typer.Option("--cfg", help=f"CFG values, comma-separated: one output folder each (default {TRUE_CFG_SCALE:g}, or the --preset's).")]
     = None,
     steps: StepsOpt = None,
+    image_cfg: ImageCfgOpt = None,
     preset: PresetOpt = "auto",
     seed: SeedOpt = 0,
     negative: NegativeOpt = NEGATIVE_PROMPT,
@@ -267,8 +271,9 @@ def infer_command(
     check_out_folder(out)
     speed_options = SpeedOptions(speed, attention, fp8, offload, cache_threshold)
     specs, chosen = _loras_and_preset(lora, preset, sampler)
-    cfgs = parse_cfgs(cfg) if cfg is not None else [_or_preset(None, chosen, "true_cfg_scale", TRUE_CFG_SCALE)]
-    config = DatasetRunConfig(cfgs=cfgs, steps=_or_preset(steps, chosen, "steps", STEPS), seed=seed,
+    cfgs = parse_cfgs(cfg) if cfg is not None else _or_preset(None, chosen, "true_cfg_scale", None)
+    config = DatasetRunConfig(cfgs=[cfgs] if isinstance(cfgs, float) else cfgs,
+                              steps=_or_preset(steps, chosen, "steps", None), seed=seed, image_cfg=image_cfg,
                               negative_prompt=negative, fusion=fusion, feather=feather, sampler=sampler, width=width,
                               height=height, batch_size=batch_size, preset=chosen.name if chosen else None).check()
     records = read_manifest(data, format=format, fields=parse_field_overrides(field))

@@ -20,6 +20,7 @@ on (`editkit.data.bad_records`: the same semantics serve other record jobs).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -44,8 +45,10 @@ RUN_MANIFEST = "run.json"
 
 @dataclass
 class DatasetRunConfig:
-    cfgs: Sequence[float] = (defaults.TRUE_CFG_SCALE,)
-    steps: int = defaults.STEPS
+    cfgs: Sequence[float] | None = None
+    """Guidance scales, one output folder each (None: the model family's default)."""
+    steps: int | None = None
+    """None: the model family's default."""
     seed: int = 0
     negative_prompt: str | None = defaults.NEGATIVE_PROMPT
     fusion: str = "off"
@@ -60,16 +63,25 @@ class DatasetRunConfig:
     """The sampling preset (`editkit.models.lightning`) whose scheduler the engine's model samples with."""
     speed: dict = field(default_factory=dict)
     """The speed switches (`editkit.infer.speed.SpeedOptions.settings`), for the run manifest."""
+    image_cfg: float | None = None
+    """Image guidance of families that have one (None: the family's default)."""
+
+    def with_family_defaults(self, sampling) -> DatasetRunConfig:
+        """The settings left open filled in from a family's `SamplingDefaults`."""
+        return dataclasses.replace(self, cfgs=self.cfgs or [sampling.cfg],
+                                   steps=sampling.steps if self.steps is None else self.steps,
+                                   image_cfg=sampling.image_cfg if self.image_cfg is None else self.image_cfg)
 
     def check(self) -> DatasetRunConfig:
         """UserError for a setting no run can use (sizes against the model: `Engine.check_size`)."""
-        if not self.cfgs:
+        if self.cfgs is not None and not self.cfgs:
             raise UserError("--cfg is empty; give at least one value, e.g. 4")
-        folders = [cfg_folder(".", cfg).name for cfg in self.cfgs]
+        folders = [cfg_folder(".", cfg).name for cfg in self.cfgs or ()]
         if len(set(folders)) < len(folders):
             raise UserError(f"--cfg lists a value twice ({', '.join(folders)}); give each value once")
-        for cfg in self.cfgs:
+        for cfg in self.cfgs or ():
             check_cfg(cfg)
+        check_cfg(self.image_cfg, "--image-cfg")
         check_sampling(self.steps, self.seed, self.sampler, self.feather)
         check_mode(self.fusion)
         check_side(self.width, "--width")
@@ -85,7 +97,8 @@ class DatasetRunConfig:
         from editkit.infer.speed import SpeedOptions
 
         settings = {k: v for k, v in vars(self).items()
-                    if k not in ("cfgs", "batch_size", "window", "preset", "speed")}
+                    if k not in ("cfgs", "batch_size", "window", "preset", "speed")
+                    and not (k == "image_cfg" and v is None)}
         preset = {"preset": self.preset} if self.preset else {}
         return {**settings, **preset, **SpeedOptions(**self.speed).lossy(), "true_cfg_scale": float(cfg)}
 
@@ -138,7 +151,7 @@ def run_dataset(engine: Engine, records: Sequence, out_dir: str | os.PathLike, c
     records = list(records)
     if not records:
         raise UserError("no records to edit: the manifest is empty")
-    config.check()
+    config = config.with_family_defaults(engine.model.family.sampling).check()
     engine.check_size(config.width, config.height)
     mine = dist.shard(records)
     inputs = {**engine.fingerprint(), "records": records_stamp(records)}
@@ -173,8 +186,9 @@ def run_dataset(engine: Engine, records: Sequence, out_dir: str | os.PathLike, c
             for cfg, record, path in todo[start:start + window]:
                 request = None
                 if record.id not in bad_ids:  # a bad record is reported once, not once per CFG value
-                    request = load_record(record, lambda: _request(record, cfg, config, result), skip_bad,
-                                          result.bad)
+                    takes_mask = engine.takes_mask()
+                    request = load_record(record, lambda: _request(record, cfg, config, result, takes_mask),
+                                          skip_bad, result.bad)
                 if request is None:
                     bad_ids.add(record.id)
                     progress.advance(task)
@@ -198,11 +212,13 @@ def run_dataset(engine: Engine, records: Sequence, out_dir: str | os.PathLike, c
     return result
 
 
-def _request(record, cfg: float, config: DatasetRunConfig, result: DatasetRunResult) -> EditRequest:
-    """The checked request of one record at one CFG value (its images loaded; UserError if it cannot be)."""
+def _request(record, cfg: float, config: DatasetRunConfig, result: DatasetRunResult,
+             takes_mask: bool = False) -> EditRequest:
+    """The checked request of one record at one CFG value (its images loaded; UserError if it cannot be);
+    `takes_mask`: the model reads the record's mask itself (Flux Fill), not only for fusion."""
     from editkit.data.images import load_image, load_mask
 
-    use_mask = config.fusion != "off" and record.mask is not None
+    use_mask = record.mask is not None and (config.fusion != "off" or takes_mask)
     images = [load_image(p) for p in record.sources]
     mask = load_mask(record.mask) if use_mask else None
     if mask is not None and images:
@@ -212,7 +228,7 @@ def _request(record, cfg: float, config: DatasetRunConfig, result: DatasetRunRes
     return EditRequest(
         prompt=record.instruction, images=images, negative_prompt=config.negative_prompt, true_cfg_scale=cfg,
         steps=config.steps, seed=config.seed, width=config.width, height=config.height, sampler=config.sampler,
-        feather=config.feather, fusion=config.fusion if use_mask else "off", mask=mask,
+        feather=config.feather, fusion=config.fusion if use_mask else "off", mask=mask, image_cfg=config.image_cfg,
         label=f"record {record_name(record)}").check()
 
 

@@ -9,6 +9,7 @@ to float rounding of batched matmuls).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -39,7 +40,9 @@ class EditRequest:
     """One edit: an instruction, its source images and how to sample it.
 
     `negative_prompt=None` turns true CFG off for this request (as in the diffusers pipelines);
-    `mask` (white = edit region) is needed for `fusion` other than "off"; `feather` is the
+    `true_cfg_scale` (the family's guidance scale, `SamplingDefaults.cfg`), `steps` and `image_cfg`
+    left None take the model family's defaults (`Engine.resolve`); `mask` (white = edit region) is
+    needed for `fusion` other than "off" and by families that fill a mask (Flux Fill); `feather` is the
     pixel-mask seam width in pixels. `sampler="bridge"` runs the LBM bridge from the first source
     image (a white image when there is none) in `steps` steps, without CFG.
     """
@@ -47,8 +50,8 @@ class EditRequest:
     prompt: str
     images: list[Image.Image]
     negative_prompt: str | None = defaults.NEGATIVE_PROMPT
-    true_cfg_scale: float = defaults.TRUE_CFG_SCALE
-    steps: int = defaults.STEPS
+    true_cfg_scale: float | None = None
+    steps: int | None = None
     seed: int = 0
     width: int | None = None
     height: int | None = None
@@ -57,6 +60,7 @@ class EditRequest:
     sampler: str = "flow"
     feather: int = 8
     bridge_noise: float = defaults.BRIDGE_NOISE
+    image_cfg: float | None = None
 
     label: str | None = None
     """What messages call this request (a dataset record's origin or id); not a sampling setting."""
@@ -68,6 +72,7 @@ class EditRequest:
             raise UserError("the edit instruction is empty; write what to change")
         check_sampling(self.steps, self.seed, self.sampler, self.feather)
         check_cfg(self.true_cfg_scale)
+        check_cfg(self.image_cfg, "--image-cfg")
         check_side(self.width, "--width")
         check_side(self.height, "--height")
         fusion_ops.check_mode(self.fusion)
@@ -80,13 +85,14 @@ class EditRequest:
         return self
 
 
-def check_sampling(steps: int, seed: int, sampler: str, feather: int) -> None:
-    """UserError for --steps, --seed, --sampler or --feather values outside what the engine runs."""
+def check_sampling(steps: int | None, seed: int, sampler: str, feather: int) -> None:
+    """UserError for --steps, --seed, --sampler or --feather values outside what the engine runs
+    (steps None: the family's default, checked once known)."""
     if sampler not in SAMPLERS:
         raise UserError(f"--sampler {sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
-    if not 1 <= steps <= MAX_STEPS:
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
         raise UserError(f"--steps {steps}: steps must be at least 1 and at most {MAX_STEPS}")
-    if sampler == "flow" and steps < 2:
+    if sampler == "flow" and steps is not None and steps < 2:
         # one step gives sigmas [1.0]; the scheduler's terminal shift then divides by zero
         raise UserError(f"--steps {steps}: the flow sampler needs at least 2 steps")
     if not 0 <= seed <= MAX_SEED:
@@ -95,9 +101,10 @@ def check_sampling(steps: int, seed: int, sampler: str, feather: int) -> None:
         raise UserError(f"--feather {feather}: the seam width goes from 0 to {MAX_FEATHER} pixels")
 
 
-def check_cfg(scale: float, option: str = "--cfg") -> float:
-    """A true CFG scale from 1 (off) to MAX_CFG; inf or nan would sample black images."""
-    if not math.isfinite(scale) or not 1.0 <= scale <= MAX_CFG:
+def check_cfg(scale: float | None, option: str = "--cfg") -> float | None:
+    """A guidance scale from 1 (off) to MAX_CFG, or None (the family's default); inf or nan would
+    sample black images."""
+    if scale is not None and (not math.isfinite(scale) or not 1.0 <= scale <= MAX_CFG):
         raise UserError(f"{option} {scale}: use a CFG scale from 1 (off) to {MAX_CFG:g}, e.g. 4")
     return scale
 
@@ -186,10 +193,35 @@ class Engine:
             "lora": [[spec.path, file_digest(spec.path), spec.scale] for spec in self.loras],
         }
 
+    def resolve(self, request: EditRequest) -> EditRequest:
+        """The request with the settings it leaves open filled in from the model family's defaults
+        (`ModelFamily.sampling`), checked against what the family needs."""
+        defaults_ = self.model.family.sampling
+        filled = dataclasses.replace(
+            request,
+            true_cfg_scale=defaults_.cfg if request.true_cfg_scale is None else request.true_cfg_scale,
+            steps=defaults_.steps if request.steps is None else request.steps,
+            image_cfg=defaults_.image_cfg if request.image_cfg is None else request.image_cfg,
+        )
+        where = f"{request.label}: " if request.label else ""
+        if defaults_.needs_mask and request.mask is None:
+            raise UserError(f"{where}family {self.model.family.name} fills a masked region: give a mask "
+                            "(--mask, or a manifest record's mask; white = region to edit)")
+        if filled.image_cfg is not None and defaults_.image_cfg is None:
+            raise UserError(f"{where}--image-cfg: family {self.model.family.name} has no image guidance; leave it out")
+        return filled.check()
+
+    def takes_mask(self) -> bool:
+        """Does the model itself read a mask (not only mask fusion)?"""
+        return self.model.family.sampling.needs_mask
+
     def settings(self, request: EditRequest) -> dict:
         """What produced an output (stored in its PNG): enough to run it again."""
+        request = self.resolve(request)
         width, height = self.output_size(request)
         extra = {"transformer": self.transformer_name} if self.transformer_name else {}
+        if request.image_cfg is not None:
+            extra["image_cfg"] = request.image_cfg
         return {
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
@@ -223,7 +255,7 @@ class Engine:
     def edit(self, requests: Sequence[EditRequest], progress: Progress | None = None,
              max_batch: int | None = None) -> list[Image.Image]:
         """Run every request; returns one image per request, in order."""
-        requests = [req.check() for req in requests]
+        requests = [self.resolve(req.check()) for req in requests]
         for req in requests:
             self.check_size(req.width, req.height)
         with self._lock:
@@ -252,7 +284,8 @@ class Engine:
         model, first = self.model, reqs[0]
         width, height = self.output_size(first)
         inputs = model.prepare([r.prompt for r in reqs], [r.images for r in reqs], width, height,
-                               [r.negative_prompt for r in reqs] if first.sampler == "flow" else None)
+                               [r.negative_prompt for r in reqs] if first.sampler == "flow" else None,
+                               masks=[r.mask for r in reqs] if self.takes_mask() else None)
         seeds = [r.seed for r in reqs]
         needs_source = first.sampler == "bridge" or any(r.fusion in fusion_ops.LATENT_MODES for r in reqs)
         source = self._source_latents(reqs, width, height) if needs_source else None
@@ -260,7 +293,7 @@ class Engine:
             noise = sampler.initial_noise(model, width, height, seeds, inputs.prompt_embeds.dtype)
             runner = self._masked(reqs, width, height, noise - source) if source is not None else model
             packed = sampler.sample(runner, inputs, first.steps, [r.true_cfg_scale for r in reqs],
-                                    seeds, latents=noise, callback=step)
+                                    seeds, latents=noise, callback=step, image_cfg=[r.image_cfg for r in reqs])
         else:
             runner = self._masked(reqs, width, height, torch.zeros_like(source))
             packed = sampler.sample_bridge(runner, inputs, source, first.steps, first.bridge_noise, seeds,

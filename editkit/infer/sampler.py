@@ -110,20 +110,28 @@ def sample(
     latents: torch.Tensor | None = None,
     callback: StepCallback | None = None,
     attention_kwargs: dict | None = None,
+    image_cfg: Sequence[float | None] | None = None,
 ) -> torch.Tensor:
     """Denoise a batch; returns packed target latents `(B, N, 4C)`.
 
     True CFG runs for sample i when its scale is > 1 and `inputs` has its negative prompt
-    (`inputs.has_negative[i]`); the others get the conditional prediction unchanged.
+    (`inputs.has_negative[i]`); the others get the conditional prediction unchanged. A model with
+    its own `sample_latents` (`editkit.models.family.CustomSampler`) runs the loop itself, with
+    `true_cfg_scale` as its guidance scale and `image_cfg` as its image guidance.
     """
     batch = inputs.batch_size
     dtype = inputs.prompt_embeds.dtype
+    if latents is None or seeds is not None:  # no global RNG draw when latents and no seeds are given
+        seeds = _seeds(seeds, batch)
     if latents is None:
-        latents = initial_noise(model, inputs.width, inputs.height, _seeds(seeds, batch), dtype)
-    scales = torch.as_tensor(
-        [true_cfg_scale] * batch if isinstance(true_cfg_scale, (int, float)) else list(true_cfg_scale),
-        dtype=torch.float32,
-    )
+        latents = initial_noise(model, inputs.width, inputs.height, seeds, dtype)
+    cfgs = [true_cfg_scale] * batch if isinstance(true_cfg_scale, (int, float)) else list(true_cfg_scale)
+    custom = getattr(model, "sample_latents", None)
+    if custom is not None:
+        seeds = seeds if seeds is not None else _seeds(None, batch)
+        return custom(inputs, steps, [float(c) for c in cfgs], seeds, latents, callback, attention_kwargs,
+                      list(image_cfg) if image_cfg is not None else [None] * batch)
+    scales = torch.as_tensor(cfgs, dtype=torch.float32)
     use_cfg = (scales > 1) & torch.as_tensor(inputs.has_negative, dtype=torch.bool)
     any_cfg = bool(use_cfg.any())
     if any_cfg:

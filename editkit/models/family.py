@@ -12,6 +12,10 @@ Conventions every family follows (the samplers and the trainer rely on them):
 - `predict` returns the flow-matching velocity (`noise - target`, or `source - target` on the LBM
   bridge) for a timestep `s` in [0, 1], where `s = 1` is pure noise (or the source);
 - every method takes a batch.
+
+Families whose pipelines sample differently (another scheduler, embedded guidance, an image
+guidance scale) give their facade a `sample_latents` method (see `CustomSampler`): the flow
+sampler then hands the whole denoising loop to it, and nothing outside the family file changes.
 """
 
 from __future__ import annotations
@@ -32,6 +36,20 @@ VIEW_AREAS = ("vlm_image_area", "vae_image_area", "output_area")
 default output; `load_model` overrides and model folders record them."""
 
 
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """A family's sampling settings when the user gives none (its model card's / pipeline's)."""
+
+    steps: int = 40
+    cfg: float = 4.0
+    """The guidance scale `--cfg` sets: true CFG for the Qwen families, the embedded guidance of
+    Flux Fill, the text guidance of InstructPix2Pix. 1 turns classifier-free guidance off."""
+    image_cfg: float | None = None
+    """The image guidance scale (`--image-cfg`) of families that have one (InstructPix2Pix: 1.5)."""
+    needs_mask: bool = False
+    """Does every edit need a mask (white = region to fill), as Flux Fill does?"""
+
+
 @dataclass
 class EditInputs:
     """Everything the sampler needs for one batch of edits that share sizes (built by `EditModel.prepare`)."""
@@ -46,6 +64,8 @@ class EditInputs:
     negative_mask: torch.Tensor | None = None
     has_negative: list[bool] = field(default_factory=list)
     """Per sample: was a negative prompt given (true CFG needs one)."""
+    extra: dict = field(default_factory=dict)
+    """Family-specific tensors its own sampler reads (e.g. Flux Fill's masked-image latents)."""
 
     @property
     def batch_size(self) -> int:
@@ -103,8 +123,10 @@ class EditModel(Protocol):
         """Packed condition latents of the source images and their sizes (`(None, [])` without images)."""
 
     def prepare(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]], width: int | None = None,
-                height: int | None = None, negative_prompts: Sequence[str | None] | None = None) -> EditInputs:
-        """Encode a batch of edits for the sampler."""
+                height: int | None = None, negative_prompts: Sequence[str | None] | None = None,
+                masks: Sequence[Image.Image | None] | None = None) -> EditInputs:
+        """Encode a batch of edits for the sampler; `masks` (white = edit region, one per sample or
+        None) reach families that take a mask as input (others ignore them)."""
 
     # latents
     def encode_images(self, images: Sequence[Image.Image], width: int, height: int) -> torch.Tensor: ...
@@ -135,6 +157,18 @@ class EditModel(Protocol):
         """A context around one sampling run (the samplers enter it): step caches start and end empty."""
 
 
+class CustomSampler(Protocol):
+    """The optional `sample_latents` method of a facade whose family samples its own way."""
+
+    def sample_latents(self, inputs: EditInputs, steps: int, cfg: Sequence[float], seeds: Sequence[int],
+                       latents: torch.Tensor, callback: Callable[[int, int], None] | None = None,
+                       attention_kwargs: dict | None = None,
+                       image_cfg: Sequence[float | None] | None = None) -> torch.Tensor:
+        """Denoise packed `latents` (standard normal, drawn per seed by `editkit.infer.sampler.initial_noise`)
+        into packed target latents, as the family's diffusers pipeline does; `cfg[i]` is sample i's
+        guidance scale (`SamplingDefaults.cfg`), `image_cfg[i]` its image guidance scale."""
+
+
 class ModelFamily(Protocol):
     """Static facts about one family and how to build, load and write its models."""
 
@@ -151,6 +185,10 @@ class ModelFamily(Protocol):
     """Named LoRA target presets (`train.lora.targets`): module-name suffixes or globs."""
     component_files: Mapping[str, tuple[str, ...]]
     """What each component folder of a diffusers-format model folder must hold (globs; `a|b`: either)."""
+    sampling: SamplingDefaults
+    """Steps and guidance when the user gives none."""
+    trainable: bool
+    """Can `editkit train` fine-tune it (flow-matching velocity from `predict`)? Others edit and evaluate only."""
 
     def unused_modules(self, transformer: torch.nn.Module) -> list[str]:
         """Modules whose output the model discards (no LoRA goes on them)."""

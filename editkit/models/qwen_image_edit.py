@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from editkit.data.images import fit_area
 from editkit.errors import UserError
-from editkit.models.family import VIEW_AREAS, EditInputs
+from editkit.models.family import VIEW_AREAS, EditInputs, SamplingDefaults
 from editkit.utils.lazy import LazyModule
 
 if TYPE_CHECKING:
@@ -113,6 +113,9 @@ class QwenImageEditFamily:
     lora_targets: dict = field(default_factory=lambda: dict(QWEN_LORA_TARGETS))
     """Named LoRA target presets: preset name -> module-name suffixes or globs."""
     component_files: dict = field(default_factory=lambda: dict(COMPONENT_FILES))
+    sampling: SamplingDefaults = SamplingDefaults(steps=40, cfg=4.0)
+    """40 steps (the 2511 model card), true CFG 4 against the negative prompt " " (the pipelines' examples)."""
+    trainable: bool = True
 
     def prompt(self, instruction: str, num_images: int) -> str:
         """The full VLM text for one instruction with `num_images` source images."""
@@ -609,8 +612,10 @@ class QwenImageEditModel:
         width: int | None = None,
         height: int | None = None,
         negative_prompts: Sequence[str | None] | None = None,
+        masks: Sequence[Image.Image | None] | None = None,
     ) -> EditInputs:
-        """Encode a batch of edits (prompts, their source images, negatives) for the sampler.
+        """Encode a batch of edits (prompts, their source images, negatives) for the sampler; the
+        Qwen-Image-Edit models take no mask (`masks` is ignored; mask fusion is the engine's).
 
         The output size defaults to the family's rule applied to the first sample's images.
         A negative prompt of None means "no true CFG for this sample" ("" is a valid negative).

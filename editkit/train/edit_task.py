@@ -148,6 +148,9 @@ def load_edit_model(cfg: TrainConfig, device):
 
     model = load_model(cfg.model, family=cfg.family, transformer=cfg.transformer,
                        dtype="bf16" if cfg.loop.mixed_precision == "bf16" else "fp32", device=str(device))
+    if not model.family.trainable:
+        raise UserError(f"model {cfg.model}: family {model.family.name} is for editing and evaluation only; "
+                        "editkit trains the flow-matching families (see docs/models.md)")
     if cfg.train.mode == "full" and cfg.train.trainable_dtype == "fp32":
         torch.nn.Module.to(model.transformer, dtype=torch.float32)
     return model
