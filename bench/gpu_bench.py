@@ -12,6 +12,9 @@ Sections (``--sections``, comma-separated, run in this order):
   e2e    a whole 1024x1024 edit with true CFG: QwenImageEditPlusPipeline against editkit's
          engine, with the full-size Qwen2.5-VL-7B text encoder and VAE
   lowmem editkit within 24 GiB (fp8 weights or group offload), speed and peak memory
+  scaling true-CFG step time and peak memory at 512²..1536², one and two condition images
+  fast   FP8 matmuls + FA3 + compiled fused blocks: the fast mode's step and its error
+  lightning  e2e 40-step true-CFG edit against the Lightning 8- and 4-step presets
 
 Usage on the GPU machine (random bf16 weights built on the GPU; nothing is downloaded):
   PYTHONPATH=$PWD:/tmp/site python bench/gpu_bench.py --sections env,peak,dit --out $OUT
@@ -683,11 +686,146 @@ def section_lowmem(run: Run) -> None:
         run.free()
 
 
+# ----- how cost grows, the fast mode, Lightning ----------------------------------------------
+
+
+def shaped_inputs(run: Run, side: int, conds: int) -> DitInputs:
+    """DitInputs of a side x side edit with `conds` condition images of the same side."""
+    x = DitInputs(run)
+    g = torch.Generator(device=run.device).manual_seed(2)
+    n, channels = (side // 16) ** 2, run.preset.arch.transformer["in_channels"]
+    x.num_target = n
+    x.latents = torch.randn(1, n, channels, generator=g, device=run.device, dtype=x.latents.dtype)
+    x.cond = torch.randn(1, n * conds, channels, generator=g, device=run.device, dtype=x.latents.dtype)
+    x.img_shapes = [(1, side // 16, side // 16)] * (1 + conds)
+    return x
+
+
+def section_scaling(run: Run) -> None:
+    """True-CFG step time and peak memory from 512² to 1536², one and two condition images: the
+    diffusers pipeline's two eager passes against editkit's batched step (eager; and compiled +
+    fused for one condition image when time allows), so users see where attention dominates."""
+    tr = build_transformer(run.preset, run.device)
+    sides = [int(s) for s in run.args.scaling_sides.split(",")]
+    rows = []
+    with torch.no_grad():
+        best = accel.set_attention(tr, "auto")
+        for conds in (1, 2):
+            for side in sides:
+                if run.out_of_time():
+                    run.log("scaling: past the deadline")
+                    break
+                x = shaped_inputs(run, side, conds)
+                tokens = (1 + conds) * x.num_target + x.pos.shape[1]
+                try:
+                    accel.set_attention(tr, None)
+                    ref = cfg_step_two_pass(tr, x)
+                    run.reset_peak()
+                    base = run.time(lambda: cfg_step_two_pass(tr, x))
+                    base_peak = run.peak_gib()
+                    accel.set_attention(tr, best)
+                    out = cfg_step_batched(tr, x)
+                    run.reset_peak()
+                    ours = run.time(lambda: cfg_step_batched(tr, x))
+                    name = f"{side}² + {conds} cond ({tokens} tokens)"
+                    rows.append(run.record(
+                        "scaling", name, side=side, conds=conds, tokens=tokens, diffusers_s=base["s"],
+                        diffusers_peak_gib=base_peak, s=ours["s"], peak_gib=run.peak_gib(),
+                        speedup=base["s"] / ours["s"], err=rel_err(out, ref), attention=best))
+                except torch.OutOfMemoryError as exc:
+                    run.error(f"scaling {side} {conds}", exc)
+                run.free()
+        if run.args.compile and not run.out_of_time():
+            accel.fuse_block_ops(tr)
+            accel.set_attention(tr, "auto")
+            accel.compile_blocks(tr)
+            for row in [r for r in rows if r["conds"] == 1]:
+                if run.out_of_time():
+                    break
+                x = shaped_inputs(run, row["side"], 1)
+                try:
+                    cfg_step_batched(tr, x)  # compile for this shape
+                    run.reset_peak()
+                    t = run.time(lambda: cfg_step_batched(tr, x))
+                    run.record("scaling", f"{row['side']}² + 1 cond compiled + fused", side=row["side"], conds=1,
+                               s=t["s"], peak_gib=run.peak_gib(), speedup=row["diffusers_s"] / t["s"])
+                except Exception as exc:  # noqa: BLE001
+                    run.error(f"scaling compiled {row['side']}", exc)
+    del tr
+    torch._dynamo.reset()
+    run.free()
+
+
+def section_fast(run: Run) -> None:
+    """The fast mode: FP8 matmuls + FA3 attention + compiled fused blocks, batched true-CFG step at
+    1024², against the diffusers eager two-pass step, with its error against bf16."""
+    tr = build_transformer(run.preset, run.device)
+    x = DitInputs(run)
+    with torch.no_grad():
+        accel.set_attention(tr, None)
+        ref_step = cfg_step_two_pass(tr, x)
+        base = run.time(lambda: cfg_step_two_pass(tr, x))
+        run.record("fast", "diffusers eager true-CFG step (2 passes)", **base)
+        for attention in ("fa3", "auto"):
+            try:
+                torch._dynamo.reset()
+                accel.apply_accel(tr, accel.Accel(attention=attention, compile=run.args.compile, fp8="matmul"))
+                out = cfg_step_batched(tr, x)
+                t = run.time(lambda: cfg_step_batched(tr, x))
+                run.record("fast", f"fp8 matmul + {attention} attention + compiled fused, batched", **t,
+                           speedup=base["s"] / t["s"], err=rel_err(out, ref_step))
+                break
+            except Exception as exc:  # noqa: BLE001 - without the fa3 wheel, the cuDNN row still runs
+                run.error(f"fast {attention}", exc)
+                del tr
+                run.free()
+                tr = build_transformer(run.preset, run.device)
+    del tr
+    torch._dynamo.reset()
+    run.free()
+
+
+def section_lightning(run: Run) -> None:
+    """End to end: the 40-step true-CFG edit against the Lightning 8- and 4-step presets (CFG 1, the
+    lightx2v scheduler; a random LoRA fused into the weights costs nothing per step), one engine."""
+    from editkit.infer.engine import EditRequest, Engine
+    from editkit.models.lightning import PRESETS as SAMPLING_PRESETS
+
+    image = source_image(run)
+    side = run.preset.size
+    model = build_model(run.preset, run.device, areas={"vae_image_area": side * side, "output_area": side * side})
+    accel.apply_accel(model, accel.Accel(compile=run.args.compile))
+    prompt = "Replace the red car in the picture with a blue bicycle and keep the background unchanged."
+
+    def edit(engine, steps, cfg):
+        request = EditRequest(prompt=prompt, images=[image], negative_prompt=" ", true_cfg_scale=cfg, steps=steps,
+                              seed=0, width=side, height=side)
+        return engine.edit([request])
+
+    with torch.no_grad():
+        default = Engine(model)
+        edit(default, 2, CFG_SCALE)  # compile
+        t = run.time(lambda: edit(default, run.args.steps, CFG_SCALE), reps=1)
+        run.record("lightning", f"{run.args.steps}-step true-CFG edit (lossless)", **t)
+        base = t["s"]
+        for name in ("lightning-8step", "lightning-4step"):
+            preset = SAMPLING_PRESETS[name]
+            engine = Engine(model.with_scheduler(preset.scheduler))
+            edit(engine, preset.steps, preset.true_cfg_scale)
+            t = run.time(lambda: edit(engine, preset.steps, preset.true_cfg_scale), reps=2)
+            run.record("lightning", f"{name} edit (CFG {preset.true_cfg_scale:g}, lossless)", **t,
+                       speedup=base / t["s"])
+    del model
+    torch._dynamo.reset()
+    run.free()
+
+
 # ----- main -------------------------------------------------------------------------------------
 
 SECTIONS = {
     "env": section_env, "peak": section_peak, "dit": section_dit, "lossy": section_lossy,
-    "train": section_train, "e2e": section_e2e, "lowmem": section_lowmem,
+    "train": section_train, "e2e": section_e2e, "lowmem": section_lowmem, "scaling": section_scaling,
+    "fast": section_fast, "lightning": section_lightning,
 }
 
 
@@ -721,6 +859,7 @@ def parse_args(argv=None):
     ap.add_argument("--quick-train", action="store_true", help="train: baseline and the compiled editkit steps only")
     ap.add_argument("--quick-dit", action="store_true",
                     help="dit: only the diffusers eager baseline and editkit's fastest lossless path")
+    ap.add_argument("--scaling-sides", default="512,768,1024,1536", help="scaling: image sides, comma-separated")
     ap.add_argument("--deadline", type=float, default=0, help="skip sections started after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     return ap.parse_args(argv)

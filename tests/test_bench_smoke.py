@@ -36,3 +36,15 @@ def test_rel_err_flags_non_finite():
 
     assert math.isnan(gpu_bench.rel_err(torch.tensor([float("nan")]), torch.ones(1)))
     assert gpu_bench.rel_err(torch.ones(3), torch.ones(3)) == 0
+
+
+def test_scaling_and_lightning_sections_run_on_the_tiny_preset(tmp_path):
+    results = gpu_bench.main(["--preset", "tiny", "--device", "cpu", "--no-compile", "--reps", "1", "--steps", "3",
+                              "--scaling-sides", "32,64", "--sections", "scaling,lightning", "--out", str(tmp_path)])
+    assert results["errors"] == []
+    scaling = [r for r in results["rows"] if r["section"] == "scaling"]
+    assert [(r["side"], r["conds"]) for r in scaling] == [(32, 1), (64, 1), (32, 2), (64, 2)]
+    assert all(r["err"] < 1e-4 for r in scaling)  # the batched step computes the pipeline's step
+    assert scaling[-1]["tokens"] > scaling[0]["tokens"]
+    names = [r["name"] for r in results["rows"] if r["section"] == "lightning"]
+    assert len(names) == 3 and "lightning-8step" in names[1]
