@@ -95,3 +95,33 @@ def test_the_model_stage_writes_a_folder_with_the_trained_vae_and_demo_views(tmp
     assert model.transformer.config.num_layers == QUICK.depth and model.transformer.config.zero_cond_t
     tiny = get_family("qwen-image-edit-2511").build_tiny(seed=3)  # the tiny preset's text encoder, same seed
     assert all(torch.equal(p, q) for p, q in zip(model.text_encoder.parameters(), tiny.text_encoder.parameters()))
+
+
+def test_the_full_demo_starts_from_the_packaged_vae(tmp_path):
+    """The shipped VAE is the full preset's architecture, and the vae stage copies it whole."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+
+    from editkit.demo.pipeline import PACKAGED_VAE, Demo
+
+    demo = Demo(tmp_path / "demo", FULL)
+    vae_stage = next(s for s in demo.stages() if s.name == "vae")
+    assert "packaged" in vae_stage.command and not vae_stage.done()
+    vae_stage.run()
+    assert vae_stage.done()
+    vae = AutoencoderKLQwenImage.from_pretrained(demo.vae_dir)
+    assert vae.config.base_dim == FULL.vae["base_dim"] and vae.config.z_dim == FULL.vae["z_dim"]
+    assert list(vae.config.dim_mult) == FULL.vae["dim_mult"]
+    shipped = AutoencoderKLQwenImage.from_pretrained(PACKAGED_VAE)
+    assert all(torch.equal(p, q) for p, q in zip(vae.parameters(), shipped.parameters()))
+    assert sum(f.stat().st_size for f in PACKAGED_VAE.iterdir()) < 5 * 2**20  # "a few MB at most"
+
+
+def test_a_folder_keeps_its_vae_choice(tmp_path):
+    from dataclasses import replace
+
+    out = tmp_path / "demo"
+    check_out(out, FULL)
+    with pytest.raises(UserError, match="packaged VAE"):
+        check_out(out, replace(FULL, packaged_vae=False))
+    assert not QUICK.packaged_vae  # the quick demo (the tests) still runs the vae stage

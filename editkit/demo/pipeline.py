@@ -2,7 +2,8 @@
 
 Stages (each skips when its output is complete, so a re-run resumes):
 1. data    `editkit data synth`            -> OUT/data/{train,val,test}.jsonl
-2. vae     `editkit train OUT/configs/vae.yaml` (stage: vae) -> OUT/vae/final/vae
+2. vae     the packaged demo VAE (editkit/demo/assets/vae), or with --train-vae
+           `editkit train OUT/configs/vae.yaml` (stage: vae) -> OUT/vae/final/vae
 3. model   a tiny 2511 model folder around the trained VAE     -> OUT/model
 4. cache   `editkit cache`                  -> OUT/cache
 5. editor  `editkit train OUT/configs/editor.yaml` (full, from scratch) -> OUT/editor/final/transformer
@@ -26,6 +27,8 @@ from editkit.utils.atomic import write_json, write_text
 from editkit.utils.progress import console
 
 BASELINE = "copy-source"
+PACKAGED_VAE = Path(__file__).parent / "assets" / "vae"
+"""The full preset's VAE, made by its own `vae` stage (seed 0): what real users have, a pretrained VAE."""
 
 
 @dataclass
@@ -81,8 +84,10 @@ class Demo:
             Stage("data", f"editkit data synth --out {self.data} --n {p.samples} --size {p.image_size} "
                           f"--seed {self.seed}",
                   lambda: (self.data / "synth.json").is_file(), self.make_data),
-            Stage("vae", f"editkit train {self.configs / 'vae.yaml'} --resume latest",
-                  lambda: (self.vae_dir / "config.json").is_file(), self.train_vae),
+            Stage("vae", f"(the packaged demo VAE {PACKAGED_VAE}; --train-vae trains it) -> {self.vae_dir}"
+                  if p.packaged_vae else f"editkit train {self.configs / 'vae.yaml'} --resume latest",
+                  lambda: (self.vae_dir / "config.json").is_file(),
+                  self.copy_vae if p.packaged_vae else self.train_vae),
             Stage("model", f"(tiny 2511 model folder with the trained VAE) -> {self.model}",
                   lambda: (self.model / "model_index.json").is_file(), self.make_model),
             Stage("cache", f"editkit cache --model {self.model} --data {self.manifest('train')} --out {self.cache} "
@@ -147,6 +152,16 @@ class Demo:
         from editkit.train.trainer import train
 
         train(self._write_config("vae.yaml", self.vae_config()), resume="latest")
+
+    def copy_vae(self) -> None:
+        """Put the packaged VAE where the `vae` stage writes its own (the folder appears whole or not at all)."""
+        import shutil
+
+        staging = self.vae_dir.with_name(".tmp-vae")
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(PACKAGED_VAE, staging)
+        staging.rename(self.vae_dir)
 
     def make_model(self) -> None:
         """The tiny 2511 preset with the trained VAE, a demo-sized editor and views at the demo size."""
@@ -243,8 +258,8 @@ class Demo:
         records = read_manifest(self.manifest("test"))
         evaluate(self.prediction_dirs(), records, self.eval, ["pixel"], manifest=self.manifest("test"))
         numbers = headline(self.eval / "summary.json", [s.name for s in sweep(self.preset)])
-        curves = loss_curves({"VAE stage": self.vae_run / "metrics.csv", "editor": self.editor_run / "metrics.csv"},
-                             self.report_dir / "loss_curves.png")
+        runs = {"VAE stage": self.vae_run / "metrics.csv"} if not self.preset.packaged_vae else {}
+        curves = loss_curves({**runs, "editor": self.editor_run / "metrics.csv"}, self.report_dir / "loss_curves.png")
         previews = sorted((self.editor_run / "previews").glob("*.png"))[-1:]
         compare_runs([self.eval], self.report_dir, baseline=BASELINE, n_boot=500, seed=self.seed,
                      title=f"editkit demo ({self.preset.name})",
@@ -285,9 +300,14 @@ def check_out(out: Path, preset: DemoPreset) -> None:
     """One demo folder holds one preset: refuse to mix a quick run into a full one (or back)."""
     marker = out / "demo.json"
     if marker.is_file():
-        made = json.loads(marker.read_text()).get("preset", {}).get("name")
-        if made != preset.name:
-            raise UserError(f"{marker}: this folder holds a {made!r} demo; use another --out for {preset.name!r}")
+        made = json.loads(marker.read_text()).get("preset", {})
+        if made.get("name") != preset.name:
+            raise UserError(f"{marker}: this folder holds a {made.get('name')!r} demo; use another --out for "
+                            f"{preset.name!r}")
+        if made.get("packaged_vae", False) != preset.packaged_vae:
+            how = "the packaged VAE" if made.get("packaged_vae", False) else "a VAE trained by --train-vae"
+            raise UserError(f"{marker}: this folder's demo uses {how}; use another --out (or the same --train-vae "
+                            "choice)")
     elif out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not a demo folder; choose a new --out folder")
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Sizes of the demo: the full run (about 7 minutes on 2 CPU cores) and `--quick` (toy size).
+"""Sizes of the demo: the full run (a few minutes on 2 CPU cores) and `--quick` (toy size).
 
 The full sizes come from the experiments recorded in docs/demo.md: 32x32 images, a 4x VAE
 (8x8 latents, 16 tokens per image after 2x2 packing) and a 4-layer, 128-wide editor trained
@@ -31,6 +31,9 @@ class DemoPreset:
     cfgs: tuple[float, ...] = (1.0, 2.5, 4.0)  # the sweep of a flow-matching editor
     bridge_steps: tuple[int, ...] = (1, 2, 4)  # the sweep of an LBM editor (its bridge sampler has no CFG)
     checkpoint_every: int = 200
+    packaged_vae: bool = False
+    """Use the VAE shipped in `editkit/demo/assets/vae` (this preset's `vae` stage, seed 0: see
+    docs/demo.md) instead of training one; `editkit demo --train-vae` turns it off."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -38,7 +41,7 @@ class DemoPreset:
 
 _VAE = {"base_dim": 16, "z_dim": 8, "dim_mult": [1, 2, 2], "num_res_blocks": 1, "loss": "mse", "kl_weight": 1e-6}
 
-FULL = DemoPreset(name="full", samples=1000, image_size=32, vae=_VAE)
+FULL = DemoPreset(name="full", samples=1000, image_size=32, vae=_VAE, packaged_vae=True)
 
 QUICK = DemoPreset(
     name="quick", samples=40, image_size=32,
