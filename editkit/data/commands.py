@@ -1,4 +1,4 @@
-"""`editkit data ...`: validate, convert, build, split, select and synth (thin wrappers)."""
+"""`editkit data ...`: validate, convert, build, split, select, preview, mix and synth (thin wrappers)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-data_app = typer.Typer(help="Prepare datasets: validate, convert, build, split, select, synthesize.",
+data_app = typer.Typer(help="Prepare datasets: validate, convert, build, split, select, preview, synthesize.",
                        no_args_is_help=True)
 
 FormatOpt = Annotated[Optional[str], typer.Option("--format", "-f", help="diffsynth, pairs or folder (detected when left out).")]
@@ -98,15 +98,30 @@ def validate(
 
 @data_app.command("convert")
 def convert(
-    source: Annotated[Path, typer.Argument(help="Input manifest file or dataset folder.")],
+    source: Annotated[Path, typer.Argument(help="Input manifest file or dataset folder (or a benchmark copy, with --from).")],
     out: Annotated[Path, typer.Argument(help="Output manifest (.json/.jsonl/.csv) or folder (no extension).")],
     to: Annotated[Optional[str], typer.Option("--to", help="diffsynth, pairs or folder (default: folder for a path without extension, else pairs).")] = None,
     format: FormatOpt = None,
     field: FieldOpt = None,
+    from_: Annotated[Optional[str], typer.Option("--from", help="Read SOURCE as a benchmark copy: gedit, imgedit, magicbrush or piebench (masks and embedded images go to OUT_DIR/<stem>_files/).")] = None,
+    lang: Annotated[Optional[str], typer.Option("--lang", help="With --from gedit: the languages to keep, e.g. en or en,cn (default: both).")] = None,
 ) -> None:
-    """Convert a manifest between formats (nothing is lost: extra fields travel as metadata)."""
+    """Convert a manifest between formats (nothing is lost: extra fields travel as metadata), or a benchmark into a manifest."""
     from editkit.data.manifest import read_manifest, write_manifest
 
+    if from_ is not None:
+        from editkit.data.benchmarks import convert_benchmark, parse_languages
+        from editkit.errors import UserError
+
+        if format is not None or field:
+            raise UserError("--format and --field read manifests; --from reads the benchmark's own layout")
+        records = convert_benchmark(from_, source, out, _output_format(out, to), parse_languages(lang))
+        typer.echo(f"wrote {len(records)} {from_} records to {out}")
+        return
+    if lang is not None:
+        from editkit.errors import UserError
+
+        raise UserError("--lang applies to --from gedit only")
     records = read_manifest(source, format, _fields(field))
     write_manifest(records, out, _output_format(out, to))
     typer.echo(f"wrote {len(records)} records to {out}")
@@ -192,6 +207,28 @@ def select(
     chosen = select_top(records, top, by, ascending=ascending, skip_missing=skip_missing)
     write_manifest(chosen, out, _table_schema(to))
     typer.echo(f"wrote {len(chosen)} of {len(records)} records to {out}")
+
+
+@data_app.command("preview")
+def preview(
+    manifest: Annotated[Path, typer.Argument(help="Manifest file or dataset folder.")],
+    out: Annotated[Path, typer.Option(help="The HTML page to write (one self-contained file).")],
+    page_size: Annotated[int, typer.Option(help="Records per page.")] = 50,
+    thumb: Annotated[int, typer.Option(help="Thumbnail size in pixels (longest side, at most 512).")] = 192,
+    limit: Annotated[int, typer.Option(help="Show at most this many records (the first ones; every thumbnail is embedded).")] = 2000,
+    title: Annotated[Optional[str], typer.Option(help="Page title (default: the manifest's path).")] = None,
+    format: FormatOpt = None,
+    field: FieldOpt = None,
+    workers: Annotated[int, typer.Option(help="Worker processes for the thumbnails.")] = _default_workers(),
+) -> None:
+    """Write a page to look at a dataset: images, mask overlay, instructions, metadata; filters by task and score; paging."""
+    from editkit.data.manifest import read_manifest
+    from editkit.data.preview import write_preview
+
+    records = read_manifest(manifest, format, _fields(field))
+    write_preview(records, out, title or f"Preview of {manifest}", page_size=page_size, thumb_px=thumb,
+                  limit=limit, workers=_at_least_one(workers, "--workers"))
+    typer.echo(f"wrote {out} ({min(len(records), limit)} of {len(records)} records)")
 
 
 @data_app.command("mix")

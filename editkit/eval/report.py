@@ -75,6 +75,12 @@ def table_html(rows: Sequence[dict], columns: Sequence[str], table_id: str, sort
     return f'<table id="{table_id}"{cls}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
+def scroll_box(table: str) -> str:
+    """A table inside a box that scrolls sideways, its first column sticky: a wide table (many metrics,
+    many runs) stays readable without making the page wider than the window."""
+    return f'<div class="table-scroll">{table}</div>'
+
+
 def gallery_html(items: Sequence[GalleryItem], runs: Sequence[str]) -> str:
     head = "<th>id</th><th>sources</th><th>ground truth</th>" + "".join(
         f'<th class="run">{html.escape(r)}</th>' for r in runs)
@@ -91,11 +97,16 @@ def gallery_html(items: Sequence[GalleryItem], runs: Sequence[str]) -> str:
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}
+table{border-collapse:separate;border-spacing:0;margin:.5em 0 1.5em}
+td,th{border:1px solid #ccc;border-width:0 1px 1px 0;padding:3px 6px;font-size:13px;background:#fff}
+tr>:first-child{border-left-width:1px}thead tr:first-child>*{border-top-width:1px}
 th{background:#f3f3f3}table.sortable th{cursor:pointer}th.asc:after{content:" \\25B2"}th.desc:after{content:" \\25BC"}
+.table-scroll{overflow-x:auto;max-width:100%;margin:.5em 0 1.5em}.table-scroll>table{margin:0}
+.table-scroll td:first-child,.table-scroll th:first-child{position:sticky;left:0;z-index:1}
+.table-scroll td{white-space:nowrap}.table-scroll #gallery td{white-space:normal}
 #gallery img{width:160px;height:auto;display:block}#gallery td{vertical-align:top}
 .missing{color:#a00;font-size:12px}.score{font-size:11px;color:#555}.plots img{max-width:640px;margin:4px}
-.note{color:#555;font-size:13px}
+.note{color:#555;font-size:13px;overflow-wrap:anywhere}
 """
 
 _SCRIPT = """
@@ -145,15 +156,16 @@ def build_report(path: str | Path, title: str = "editkit report", *, notes: Sequ
                           f"<figcaption>{html.escape(cap)}</figcaption></figure>" for cap, img in extra_images)
         parts.append(f'<section class="plots">{figures}</section>')
     if summary_rows:
-        parts.append("<h2>Summary</h2>" + table_html(summary_rows, summary_columns, "summary"))
+        parts.append("<h2>Summary</h2>" + scroll_box(table_html(summary_rows, summary_columns, "summary")))
     if plots:
         figures = "".join(f'<img src="{image_data_uri(p, 0, "PNG")}" alt="{html.escape(Path(p).stem)}">'
                           for p in plots)
         parts.append(f'<h2>Plots</h2><div class="plots">{figures}</div>')
     if gallery:
-        parts.append("<h2>Gallery (worst first)</h2>" + gallery_html(gallery, runs))
+        parts.append("<h2>Gallery (worst first)</h2>" + scroll_box(gallery_html(gallery, runs)))
     if table_rows:
-        parts.append("<h2>Per sample (click a column to sort)</h2>" + table_html(table_rows, table_columns, "samples"))
+        parts.append("<h2>Per sample (click a column to sort)</h2>"
+                     + scroll_box(table_html(table_rows, table_columns, "samples")))
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f'<link rel="icon" href="data:,"><style>{_STYLE}</style></head><body>{"".join(parts)}'
             f"<script>{_SCRIPT}</script></body></html>")
