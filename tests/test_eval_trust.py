@@ -101,7 +101,7 @@ def test_only_the_metrics_asked_for_are_reported_unavailable(dataset, tmp_path, 
     code, printed, _ = run_cli(capsys, "eval", "--pred", runs / "cfg-4.0", "--data", manifest, "--out", tmp_path / "c")
     assert code == 0 and "unavailable" not in printed
     assert [line for line in printed.splitlines() if "--weights" in line] == [
-        "more metrics with --weights NAME=PATH: clip, dino, dinov3, siglip2, dreamsim, lpips (docs/eval.md)"]
+        "more metrics with --weights NAME=PATH: clip, dino, dinov3, siglip2, dreamsim, lpips, judge (docs/eval.md)"]
 
 
 def test_runs_are_named_with_name_equals_dir(dataset, tmp_path, capsys, monkeypatch):

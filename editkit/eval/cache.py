@@ -4,7 +4,8 @@ An entry remembers a stamp of everything its values were computed from (`sample_
 prediction, the ground truth, the sources and the mask (path, size and mtime of each) and the
 texts (instruction, CLIP-T caption). Any change invalidates it. Settings that hold for a whole
 evaluation (resize policy, metric weights) are in the out folder's fingerprint (runner). Feature
-vectors (for FID/KID) are stored as base64 float32 so the files stay small.
+vectors (for FID/KID) are stored as base64 float32 so the files stay small; text extras (the VLM
+judge's raw answers) as strings.
 """
 
 from __future__ import annotations
@@ -55,12 +56,14 @@ def _json_value(value: float) -> float | None:
 
 
 class Entry:
-    """Cached values and feature vectors of one prediction."""
+    """Cached values, feature vectors and text extras of one prediction."""
 
-    def __init__(self, stamp_: str, values: dict | None = None, features: dict | None = None):
+    def __init__(self, stamp_: str, values: dict | None = None, features: dict | None = None,
+                 texts: dict | None = None):
         self.stamp = stamp_
         self.values: dict[str, float] = values or {}
         self.features: dict[str, str] = features or {}
+        self.texts: dict[str, str] = texts or {}
 
     def has(self, columns) -> bool:
         return all(c in self.values for c in columns)
@@ -70,9 +73,12 @@ class Entry:
         return math.nan if v is None else float(v)
 
     def update(self, row: dict) -> None:
+        """`_name` keys are feature vectors, string values text extras, the rest metric values."""
         for key, value in row.items():
             if key.startswith("_"):
                 self.features[key[1:]] = encode_vector(value)
+            elif isinstance(value, str):
+                self.texts[key] = value
             else:
                 self.values[key] = _json_value(value)
 
@@ -80,7 +86,8 @@ class Entry:
         return decode_vector(self.features[name]) if name in self.features else None
 
     def save(self, path: Path) -> None:
-        write_json(path, {"stamp": self.stamp, "values": self.values, "features": self.features}, indent=None)
+        write_json(path, {"stamp": self.stamp, "values": self.values, "features": self.features,
+                          "texts": self.texts}, indent=None)
 
 
 def load_entry(path: Path, record, pred_path: Path) -> Entry:
@@ -92,14 +99,16 @@ def load_entry(path: Path, record, pred_path: Path) -> Entry:
         return Entry(current)
     if not isinstance(data, dict) or data.get("stamp") != current or not _readable(data):
         return Entry(current)  # stale or damaged: the entry is derived data, so it is computed again
-    return Entry(current, data.get("values"), data.get("features"))
+    return Entry(current, data.get("values"), data.get("features"), data.get("texts"))
 
 
 def _readable(data: dict) -> bool:
     """Values a mapping and every feature vector decodable (a flipped byte in a cached vector must
     not become a traceback, or a wrong vector)."""
-    values, features = data.get("values", {}), data.get("features", {})
-    if not isinstance(values, dict) or not isinstance(features, dict):
+    values, features, texts = data.get("values", {}), data.get("features", {}), data.get("texts", {})
+    if not isinstance(values, dict) or not isinstance(features, dict) or not isinstance(texts, dict):
+        return False
+    if not all(isinstance(text, str) for text in texts.values()):
         return False
     try:
         return all(len(base64.b64decode(text, validate=True)) % 4 == 0 for text in features.values())

@@ -65,8 +65,8 @@ def eval_command(
     data: Path = typer.Option(..., "--data", help="Manifest of the evaluated records (ground truth, masks, sources)."),
     out: Path = typer.Option(..., "--out", help="Output folder (per_sample.csv, summary.json, cache/)."),
     metrics: list[str] = typer.Option(None, "--metrics", help="Metric groups, comma-separated: pixel, seam, effnet, "
-                                                              "fid, clip, dino, dinov3, siglip2, dreamsim, lpips, rgba (RGBA "
-                                                              "reconstructions). "
+                                                              "fid, clip, dino, dinov3, siglip2, dreamsim, lpips, judge "
+                                                              "(VLM judge), rgba (RGBA reconstructions). "
                                                               "Default: pixel,seam,effnet,fid + those with --weights."),
     weights: list[str] = typer.Option([], "--weights", help="NAME=PATH: a weights folder for a feature metric "
                                                             "(HF format), e.g. clip=/models/clip-vit-base-patch32."),
@@ -77,20 +77,35 @@ def eval_command(
     device: str = typer.Option(None, "--device", help="Torch device (default: this rank's GPU, else CPU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute everything in --out (needed when its "
                                                               "results were made with other metric weights)."),
+    judge_prompts: str = typer.Option(None, "--judge-prompts", help="The VLM judge's protocol: viescore (default, "
+                                                                    "GEdit-Bench), editscore, or a JSON/YAML file "
+                                                                    "of prompt templates (docs/eval.md)."),
+    task: str = typer.Option("edit", "--task", help="edit: images (<id>.png) against a manifest; layers: layer "
+                                                    "decompositions (<id>/layer_00.png ..., back to front) against a "
+                                                    "`layers prep` folder, with the LayerD metric."),
 ) -> None:
     """Score prediction folders against a manifest (resumable; shard with torchrun)."""
     import json
 
+    if task != "edit":
+        from editkit.eval.layers_run import run_from_cli
+
+        return run_from_cli(task, expand_preds(pred), data, out, overwrite,
+                            unused={"--metrics": metrics, "--weights": weights, "--format": format, "--field": field})
+
     from editkit.data import parse_field_overrides, read_manifest
     from editkit.eval.metrics import FEATURE_METRICS
+    from editkit.eval.metrics.judge_protocol import load_protocol
     from editkit.eval.runner import evaluate
 
     fields = parse_field_overrides(field)
     records = read_manifest(data, format=format, fields=fields)
     weight_map = parse_metric_weights(weights)
+    judge = {"judge": {"protocol": load_protocol(judge_prompts).identity()}} if judge_prompts else {}
     summary = evaluate(expand_preds(pred), records, out, parse_metrics(metrics), weight_map, batch_size,
                        device=device, manifest=data, overwrite=overwrite,
-                       run_config={"pred": pred, "fields": fields})
+                       run_config={"pred": pred, "fields": fields, "judge_prompts": judge_prompts},
+                       metric_options=judge)
     if summary is None:
         return
     typer.echo(f"resize policy: {summary['resize_policy']}")
@@ -101,7 +116,8 @@ def eval_command(
         typer.echo(f"more metrics with --weights NAME=PATH: {more} (docs/eval.md)")
     for name, run in summary["runs"].items():
         shown = {k: round(v, 4) for k, v in run["means"].items() if v is not None and k in
-                 ("psnr", "ssim", "mae", "psnr_out", "ssim_out", "effnet_sim", "clip_i", "dino", "fid_effnet")}
+                 ("psnr", "ssim", "mae", "psnr_out", "ssim_out", "effnet_sim", "clip_i", "dino", "fid_effnet",
+                    "judge_overall")}
         typer.echo(f"{name}: {run['n_evaluated']}/{run['n_records']} evaluated, {run['n_missing']} missing "
                    f"{json.dumps(shown)}")
     typer.echo(f"computed {summary['computed']} new sample(s); wrote {out}/per_sample.csv and {out}/summary.json")

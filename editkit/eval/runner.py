@@ -4,12 +4,14 @@ Predictions are matched to records by id (`<pred_dir>/<id>.png`, or .jpg/.jpeg/.
 (run, record) result is cached under `<out>/cache/<run>/` with a stamp of the files and texts it
 was computed from (editkit.eval.cache); a re-run computes only what is missing (new predictions,
 new metrics, changed predictions, ground truths, sources, masks or instructions). What holds for
-the whole folder — the resize policy and each metric's weights — is its fingerprint
-(`claim_out_folder`): other values are refused unless `overwrite`, which recomputes everything.
+the whole folder — the resize policy, each metric's weights and the settings of metrics with options
+(the judge's protocol) — is its fingerprint (`claim_out_folder`): other values are refused unless
+`overwrite`, which recomputes everything.
 Records are sharded across processes by rank (torchrun / accelerate); each rank writes its cache
 entries, the ranks gather their unavailable-metric reasons through torch.distributed
-(editkit.eval.ranks), and rank 0 merges everything into `per_sample.csv` and `summary.json` and writes
-the run manifest `run.json`.
+(editkit.eval.ranks), and rank 0 merges everything into `per_sample.csv`, `per_sample_texts.jsonl`
+(texts a metric keeps per sample, e.g. the VLM judge's answers) and `summary.json` and writes the
+run manifest `run.json`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from editkit.utils.runinfo import write_run_manifest
 PRED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 INFO_COLUMNS = ("run", "id", "task", "edit_type", "instruction", "pred", "target", "sources", "mask")
 CLIP_T_TEXT = "metadata target_caption / output_caption / caption when present, else the instruction"
+TEXTS_FILE = "per_sample_texts.jsonl"
 
 
 @dataclass
@@ -117,8 +120,8 @@ def _needs(entry: Entry, group: str) -> bool:
 class FeatureModels:
     """Feature metrics, loaded on first use; unavailable ones remember their one-line reason."""
 
-    def __init__(self, weights: dict[str, Path], device):
-        self.weights, self.device = weights, device
+    def __init__(self, weights: dict[str, Path], device, options: dict[str, dict] | None = None):
+        self.weights, self.device, self.options = weights, device, options or {}
         self.loaded: dict = {}
         self.unavailable: dict[str, str] = {}
 
@@ -128,7 +131,7 @@ class FeatureModels:
         if name in self.unavailable:
             return None
         if name not in self.loaded:
-            metric = FEATURE_METRICS[name]()
+            metric = FEATURE_METRICS[name](**self.options.get(name, {}))
             try:
                 metric.load(self.weights.get(name), self.device)
             except Unavailable as why:
@@ -224,17 +227,32 @@ def _recorded(out_dir: Path) -> dict:
     return inputs if isinstance(inputs, dict) and isinstance(inputs.get("weights"), dict) else {}
 
 
-def claim_out_folder(out_dir: Path, weights: dict[str, Path], overwrite: bool) -> None:
-    """Refuse an out folder whose results were computed with another resize policy or other weights for
-    a metric, unless `overwrite`. Weights for a metric the folder has not seen extend its fingerprint
-    (a new metric is computed beside the cached ones)."""
+def metric_settings(weights: dict[str, Path], options: dict[str, dict]) -> dict[str, dict]:
+    """The settings (`FeatureMetric.settings`) of each metric given weights, where it has any."""
+    from editkit.eval.metrics import FEATURE_METRICS
+
+    found = {name: FEATURE_METRICS[name].settings(**options.get(name, {})) for name in sorted(weights)}
+    return {name: json.loads(json.dumps(value)) for name, value in found.items() if value is not None}
+
+
+def claim_out_folder(out_dir: Path, weights: dict[str, Path], overwrite: bool,
+                     settings: dict[str, dict] | None = None) -> None:
+    """Refuse an out folder whose results were computed with another resize policy, other weights or
+    other settings (`metric_settings`) for a metric, unless `overwrite`. Weights for a metric the folder
+    has not seen extend its fingerprint (a new metric is computed beside the cached ones)."""
     given = {name: weights_stamp(path) for name, path in sorted(weights.items())}
+    settings = settings or {}
     old = _recorded(out_dir)
+    old_settings = old.get("metric_settings", {}) if isinstance(old.get("metric_settings"), dict) else {}
     compatible = bool(old) and old.get("resize_policy") == RESIZE_POLICY and all(
-        old["weights"].get(name, stamp) == stamp for name, stamp in given.items())
+        old["weights"].get(name, stamp) == stamp for name, stamp in given.items()) and all(
+        old_settings.get(name, value) == value for name, value in settings.items())
     merged = given if overwrite else {**old.get("weights", {}), **given}
-    claim_folder(out_dir, "eval", {"resize_policy": RESIZE_POLICY, "weights": merged},
-                 overwrite=overwrite or compatible, write=dist.rank() == 0)
+    merged_settings = settings if overwrite else {**old_settings, **settings}
+    inputs = {"resize_policy": RESIZE_POLICY, "weights": merged}
+    if merged_settings:
+        inputs["metric_settings"] = merged_settings
+    claim_folder(out_dir, "eval", inputs, overwrite=overwrite or compatible, write=dist.rank() == 0)
 
 
 def clear_results(out_dir: Path, runs: list[Run], records: list[EditRecord]) -> None:
@@ -250,17 +268,18 @@ def clear_results(out_dir: Path, runs: list[Run], records: list[EditRecord]) -> 
     for path in cache_dir.rglob("*.json") if cache_dir.is_dir() else ():
         if path not in current and not path.name.startswith(".tmp-"):
             path.unlink(missing_ok=True)
-    for name in ("per_sample.csv", "summary.json", "missing.txt"):
+    for name in ("per_sample.csv", TEXTS_FILE, "summary.json", "missing.txt"):
         (out_dir / name).unlink(missing_ok=True)
 
 
 def evaluate(pred_dirs: list[Path | Run], records: list[EditRecord], out_dir: Path, groups: list[str] | None = None,
              weights: dict[str, Path] | None = None, batch_size: int = 8, device=None,
              manifest: Path | None = None, show_progress: bool = True, overwrite: bool = False,
-             run_config: dict | None = None) -> dict | None:
+             run_config: dict | None = None, metric_options: dict[str, dict] | None = None) -> dict | None:
     """Score every prediction folder (a Path: the run is named by the folder; a Run: by its name);
     returns the summary on rank 0 (None on other ranks), which also writes `run.json` (what ran;
-    `run_config` adds entries to its config, e.g. the CLI's arguments)."""
+    `run_config` adds entries to its config, e.g. the CLI's arguments). `metric_options` gives feature
+    metrics their options by name, e.g. {"judge": {"protocol": "editscore"}}."""
     import torch
 
     out_dir = Path(out_dir)
@@ -271,9 +290,12 @@ def evaluate(pred_dirs: list[Path | Run], records: list[EditRecord], out_dir: Pa
     runs = runs_from_dirs(pred_dirs)
     if not records:
         raise UserError(f"{manifest or 'manifest'}: no records to evaluate")
-    models = FeatureModels(weights, torch.device(dist.resolve_device(None if device is None else str(device))))
+    metric_options = metric_options or {}
+    settings = metric_settings(weights, metric_options)
+    models = FeatureModels(weights, torch.device(dist.resolve_device(None if device is None else str(device))),
+                           metric_options)
     with rank_group() as group:
-        claim_out_folder(out_dir, weights, overwrite)
+        claim_out_folder(out_dir, weights, overwrite, settings)
         if overwrite:
             clear_results(out_dir, runs, records)
         cache_dir = out_dir / "cache"
@@ -295,7 +317,8 @@ def evaluate(pred_dirs: list[Path | Run], records: list[EditRecord], out_dir: Pa
     write_json(out_dir / "summary.json", summary)
     write_run_manifest(out_dir, "eval", {
         "runs": {run.name: str(run.pred_dir) for run in runs}, "data": str(manifest) if manifest else None,
-        "metrics": groups, "weights": {k: str(v) for k, v in weights.items()}, "batch_size": batch_size,
+        "metrics": groups, "weights": {k: str(v) for k, v in weights.items()}, "metric_settings": settings,
+        "batch_size": batch_size,
         "device": str(models.device), "world_size": dist.world_size(), "overwrite": overwrite,
         **(run_config or {})})
     return summary
@@ -320,12 +343,14 @@ def _fmt(value) -> str:
 def merge(runs: list[Run], records: list[EditRecord], groups: list[str], out_dir: Path,
           unavailable: dict[str, str], manifest: Path | None, device=None) -> dict:
     """Combine all cache entries into per_sample.csv and the summary (rank 0)."""
-    from editkit.eval.metrics import RUN_GROUPS, columns_of
+    from editkit.eval.metrics import FEATURE_METRICS, RUN_GROUPS, columns_of
     from editkit.eval.metrics.distribution import fid_kid_from_features
 
     cache_dir = out_dir / "cache"
     metric_columns = [c for g in groups if g not in RUN_GROUPS and g not in unavailable for c in columns_of(g)]
-    rows, run_summaries = [], {}
+    text_columns = [c for g in groups if g in FEATURE_METRICS and g not in unavailable
+                    for c in FEATURE_METRICS[g].text_columns]
+    rows, texts, run_summaries = [], [], {}
     for run in runs:
         missing, evaluated, real, fake = [], 0, [], []
         values: dict[str, list[float]] = {c: [] for c in metric_columns}
@@ -343,6 +368,8 @@ def merge(runs: list[Run], records: list[EditRecord], groups: list[str], out_dir
                 row[c] = entry.value(c)
                 values[c].append(row[c])
             rows.append(row)
+            if text_columns:
+                texts.append({"run": run.name, "id": record.id, **{c: entry.texts.get(c) for c in text_columns}})
             f_pred, f_target = entry.feature("effnet_pred"), entry.feature("effnet_target")
             if f_pred is not None and f_target is not None:
                 fake.append(f_pred)
@@ -362,6 +389,10 @@ def merge(runs: list[Run], records: list[EditRecord], groups: list[str], out_dir
     for row in rows:
         writer.writerow({k: _fmt(row.get(k)) for k in header})
     write_text(out_dir / "per_sample.csv", buf.getvalue())
+    if text_columns:
+        write_text(out_dir / TEXTS_FILE, "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts))
+    else:
+        (out_dir / TEXTS_FILE).unlink(missing_ok=True)
     write_text(out_dir / "missing.txt", "".join(f"{name}\t{i}\n" for name, s in run_summaries.items()
                                                 for i in s["missing"]))
     return {

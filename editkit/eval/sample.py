@@ -36,6 +36,7 @@ class Sample:
     task: str | None = None
     pred_rgba: np.ndarray | None = None  # (H, W, 4) float64 in [0, 1], straight alpha; see add_rgba
     target_rgba: np.ndarray | None = None
+    instruction: str = ""  # the record's edit instruction (the VLM judge's question)
 
 
 def caption(record: EditRecord) -> str:
@@ -78,7 +79,8 @@ def load_sample(record: EditRecord, pred_path: Path) -> Sample:
         if m.size != reference:
             m = m.resize(reference, Image.NEAREST)
         mask = np.asarray(m) > 127
-    return Sample(record.id, pred, target, mask, sources, caption(record), record.task)
+    return Sample(record.id, pred, target, mask, sources, caption(record), record.task,
+                  instruction=record.instruction)
 
 
 def add_rgba(sample: Sample, record: EditRecord, pred_path: Path) -> Sample:

@@ -17,13 +17,22 @@ class FeatureMetric:
     """A metric computed from a network, in batches, on the evaluation device.
 
     `load` raises `Unavailable` (no weights, missing package) or `UserError` (bad weights folder);
-    `compute` returns one dict of column -> value per sample.
+    `compute` returns one dict of column -> value per sample (a string value for a `text_columns`
+    entry). A metric with options (`evaluate(metric_options={name: {...}})`) takes them as keyword
+    arguments of its constructor and says in `settings` what of them changes its values.
     """
 
     name: str = ""
     columns: tuple[str, ...] = ()
+    text_columns: tuple[str, ...] = ()
+    """Per-sample texts kept beside the values (cache entries, per_sample_texts.jsonl), e.g. a judge's answers."""
     needs_weights = True
     hint = ""
+
+    @classmethod
+    def settings(cls, **options) -> dict | None:
+        """What besides the weights changes the values, for the out folder's fingerprint (None: nothing)."""
+        return None
 
     @classmethod
     def unavailable_reason(cls, path: Path | None) -> str | None:
