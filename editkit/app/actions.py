@@ -74,9 +74,12 @@ class EditSettings:
     height: int | None = None
     fusion: str = "off"
     lora_scales: list[float] = field(default_factory=list)
+    extras: list[str] | None = None
+    """The adapter bundle's extra modules switched on (None: leave them as they are)."""
 
-    def checked(self, limits: AppLimits, n_loras: int) -> EditSettings:
-        """A copy with normalised types; UserError naming the field for anything out of range."""
+    def checked(self, limits: AppLimits, n_loras: int, extras: list[str] | None = None) -> EditSettings:
+        """A copy with normalised types; UserError naming the field for anything out of range
+        (`extras`: the adapter bundle's extra modules, which `self.extras` must be among)."""
         steps = _integer(self.steps, "Steps")
         if not 1 <= steps <= MAX_STEPS:
             raise UserError(f"Steps is {steps}; choose 1 to {MAX_STEPS}")
@@ -96,11 +99,14 @@ class EditSettings:
         scales = [float(s) for s in self.lora_scales]
         if any(not 0.0 <= s <= 2.0 for s in scales):
             raise UserError("LoRA scales must be between 0 (off) and 2")
+        unknown = [n for n in self.extras or [] if n not in (extras or [])]
+        if unknown:
+            raise UserError(f"Adapter extra {unknown[0]!r} is not in the loaded bundle; reload the page")
         return EditSettings(
             instruction=check_instruction(self.instruction, limits),
             negative_prompt=(self.negative_prompt or "").strip() or None,
             true_cfg_scale=cfg, steps=steps, seed=seed, width=width, height=height,
-            fusion=self.fusion, lora_scales=scales,
+            fusion=self.fusion, lora_scales=scales, extras=None if self.extras is None else list(self.extras),
         )
 
 
@@ -152,7 +158,7 @@ class AppController:
     """The app's operations over one loaded engine; the Gradio page calls these.
 
     The engine is shared by every browser tab; the page's queue runs one edit at a time, so the
-    LoRA scales chosen for a request stay in place while it runs.
+    LoRA scales and adapter extras chosen for a request stay in place while it runs.
     """
 
     def __init__(self, engine: Engine, limits: AppLimits | None = None, loras: list[LoraChoice] | None = None,
@@ -168,6 +174,10 @@ class AppController:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._lora_scales: list[float] | None = None
         self._set_lora_scales([c.scale for c in self.loras])
+        adapter = getattr(engine, "adapter", None)
+        self.extras: list[str] = list(adapter.names) if adapter else []
+        """The adapter bundle's extra modules (a switch each on the page); `extras_on`: those on at start."""
+        self.extras_on: list[str] = list(adapter.active) if adapter else []
 
     @property
     def model_name(self) -> str:
@@ -192,7 +202,7 @@ class AppController:
         """
         if session is None:
             raise UserError("No source image: upload one first (PNG, JPEG, WebP or BMP)")
-        settings = settings.checked(self.limits, len(self.loras))
+        settings = settings.checked(self.limits, len(self.loras), self.extras)
         size = session.edit.current.size
         mask = load_uploaded_mask(mask_path, size, self.limits) if mask_path else mask_from_editor(editor_value, size)
         if settings.fusion != "off" and mask is None:
@@ -204,6 +214,8 @@ class AppController:
         """Run one turn on the current image; its result becomes the next turn's source."""
         settings, mask = self.check(session, settings, editor_value, mask_path)
         self._set_lora_scales(settings.lora_scales)
+        if settings.extras is not None and self.extras:
+            self.engine.set_adapter_extras(settings.extras)
         overrides = {"negative_prompt": settings.negative_prompt} if settings.negative_prompt else {}
         try:
             session.edit.turn(

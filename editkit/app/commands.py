@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from editkit.app.address import DEFAULT_HOST, DEFAULT_PORT
-from editkit.infer.commands import PresetOpt
+from editkit.infer.commands import AdapterOpt, PresetOpt, RopeFramesOpt, WithoutOpt
 from editkit.infer.speed import AttentionOpt, CacheThresholdOpt, Fp8Opt, OffloadOpt, SpeedOpt, SpeedOptions
 
 
@@ -28,6 +28,9 @@ def serve(
     = None,
     dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.")] = "auto",
     preset: PresetOpt = "auto",
+    adapter: AdapterOpt = None,
+    without: WithoutOpt = None,
+    rope_frames: RopeFramesOpt = None,
     speed: SpeedOpt = "auto",
     attention: AttentionOpt = "auto",
     fp8: Fp8Opt = "off",
@@ -37,12 +40,14 @@ def serve(
     """Serve the web app: upload, paint a mask, describe the edit, edit again; one GPU job at a time."""
     from editkit.app.limits import AppLimits
     from editkit.app.server import build_controller, checked_port, launch
+    from editkit.models.adapter_bundle import AdapterChoice
 
     speed_options = SpeedOptions(speed, attention, fp8, offload, cache_threshold)
     port = checked_port(host, port)
     limits = AppLimits(max_image_side=max_image_side, max_sources=max_sources, max_file_mb=max_file_mb)
     controller = build_controller(model, lora or [], limits=limits, device=device, dtype=dtype, speed=speed_options,
-                                  preset=preset, echo=lambda text: typer.echo(text, err=True))
+                                  preset=preset, echo=lambda text: typer.echo(text, err=True),
+                                  adapter=AdapterChoice.parse(adapter, without, rope_frames))
     typer.echo(f"editkit serve: model {model} ready; open http://{host}:{port} (Ctrl+C stops)")
     launch(controller, host=host, port=port, block=True)
 

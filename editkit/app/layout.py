@@ -96,6 +96,10 @@ def build_blocks(controller: AppController) -> gr.Blocks:
                                   elem_id=f"lora-{i}")
                         for i, lora in enumerate(controller.loras)
                     ]
+                    extras = gr.CheckboxGroup(
+                        controller.extras, value=controller.extras_on, elem_id="adapter-extras",
+                        label="Adapter extras (the bundle's modules beside its LoRA; off = the ablation without it)",
+                    ) if controller.extras else None
                 run = gr.Button("Edit", variant="primary", elem_id="run")
             with gr.Column(scale=1):
                 result = gr.Image(label="Result", type="pil", interactive=False, format="png", elem_id="result",
@@ -126,13 +130,14 @@ def build_blocks(controller: AppController) -> gr.Blocks:
             return show(controller.start(paths))
 
         edit_inputs = {session, editor, mask_file, instruction, negative, cfg, steps, seed, width, height, fusion,
-                       *lora_sliders}
+                       *lora_sliders, *([extras] if extras is not None else [])}
 
         def settings_of(values: dict) -> EditSettings:
             return EditSettings(
                 instruction=values[instruction], negative_prompt=values[negative], true_cfg_scale=values[cfg],
                 steps=values[steps], seed=values[seed], width=values[width], height=values[height],
                 fusion=values[fusion], lora_scales=[values[s] for s in lora_sliders],
+                extras=values[extras] if extras is not None else None,
             )
 
         @_errors_as_popups

@@ -55,17 +55,19 @@ def lora_choices(texts: Sequence[str]) -> list[LoraChoice]:
 def build_controller(model: str, loras: Sequence[str] = (), limits: AppLimits | None = None,
                      device: str | None = None, dtype: str = "auto",
                      output_dir: str | os.PathLike | None = None, speed: SpeedOptions | None = None,
-                     preset: str = "auto", echo=None) -> AppController:
+                     preset: str = "auto", echo=None, adapter=None) -> AppController:
     """Load the model (a diffusers folder, or "tiny") and its `--lora` files into an app controller.
 
     `dtype="auto"` is bf16 on a GPU and fp32 on the CPU. `speed` (default: `SpeedOptions()`) is
     applied to the loaded model; `preset` ("auto": the one a `--lora` file names,
     `editkit.models.lightning`) sets the scheduler and the page's starting steps and CFG, and
-    `echo(text)` is told when a preset was detected. The LoRA, preset and device flags are checked
+    `echo(text)` is told when a preset was detected. `adapter` (an
+    `editkit.models.adapter_bundle.AdapterChoice`) sets the RoPE frame mode and the adapter bundle,
+    whose extra modules the page then switches. The LoRA, preset and device flags are checked
     before the slow load.
     """
     from editkit.infer.engine import Engine
-    from editkit.models import load_model
+    from editkit.models import load_model, rope_frames
     from editkit.models.lightning import resolve_preset
     from editkit.models.loading import is_tiny_spec, resolve_dtype
     from editkit.utils.dist import resolve_device
@@ -77,8 +79,12 @@ def build_controller(model: str, loras: Sequence[str] = (), limits: AppLimits | 
     device = resolve_device(device, "--device")
     speed = (speed or SpeedOptions()).resolved(device)
     loaded = load_model(model, dtype=resolve_dtype(dtype, device), device=device)
+    if adapter is not None:
+        loaded = rope_frames.view(loaded, adapter.rope_frames)
     engine = Engine(loaded.with_scheduler(chosen.scheduler) if chosen else loaded, model_name=str(model),
                     run_settings=run_settings(speed, chosen))
+    if adapter is not None and adapter.path:
+        engine.load_adapter(adapter.path, adapter.without)
     apply_speed(engine.model, speed)
     if chosen:
         defaults = AppDefaults(steps=chosen.steps, true_cfg_scale=chosen.true_cfg_scale)

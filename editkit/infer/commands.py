@@ -41,6 +41,9 @@ FeatherOpt = Annotated[int, typer.Option("--feather", help="Pixel-mask seam widt
 WidthOpt = Annotated[Optional[int], typer.Option("--width", help="Output width, a multiple of the model's size multiple (16) up to 4096 (default: the family's area at the source's aspect).")]
 ParallelOpt = Annotated[str, typer.Option("--parallel", help="none, cfg (the conditional and negative passes on 2 processes) or ulysses (context parallel over all processes): one edit shared by the processes of a torchrun launch, for latency.")]
 HeightOpt = Annotated[Optional[int], typer.Option("--height", help="Output height (as --width).")]
+AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="Adapter bundle (adapter.safetensors of a training run with train.extra_modules): its LoRA and extra modules (e.g. the STE).")]
+WithoutOpt = Annotated[Optional[list[str]], typer.Option("--without", help="Leave this extra module of the --adapter bundle off, e.g. ste: the ablation from the same bundle (repeatable).")]
+RopeFramesOpt = Annotated[Optional[str], typer.Option("--rope-frames", help="own (each condition image at its own RoPE frame, as released) or shared (all at the target's frame); default: the --adapter bundle's, else own.")]
 
 
 def _loras_and_preset(lora, preset: str, sampler: str = "flow"):
@@ -63,13 +66,24 @@ def _or_preset(value, preset, field: str, default):
     return getattr(preset, field) if preset is not None else default
 
 
+def _adapter_choice(adapter, without, rope_frames, parallel: str = "none"):
+    """The checked `--adapter`, `--without` and `--rope-frames` (editkit.models.adapter_bundle.AdapterChoice)."""
+    from editkit.errors import UserError
+    from editkit.models.adapter_bundle import AdapterChoice
+
+    choice = AdapterChoice.parse(adapter, without, rope_frames)
+    if choice.rope_frames == "shared" and parallel == "ulysses":
+        raise UserError("--rope-frames shared does not combine with --parallel ulysses; use --parallel cfg or none")
+    return choice
+
+
 def _engine(model: str, family, transformer, dtype: str, device, specs, fuse_lora: bool, speed, preset=None,
-            parallel: str = "none", single_edit: bool = False):
-    """Load the model into an Engine with the preset's scheduler and the LoRAs, then apply the speed
-    switches; device, LoRA and speed options are checked before the slow load. Returns the engine and
-    the speed options resolved for its device."""
+            parallel: str = "none", single_edit: bool = False, adapter=None):
+    """Load the model into an Engine with the preset's scheduler, the RoPE frame mode, the adapter
+    bundle and the LoRAs, then apply the speed switches; device, LoRA, adapter and speed options are
+    checked before the slow load. Returns the engine and the speed options resolved for its device."""
     from editkit.infer.engine import Engine
-    from editkit.models import load_model
+    from editkit.models import load_model, rope_frames
     from editkit.models.loading import resolve_dtype
     from editkit.utils import dist
 
@@ -81,10 +95,14 @@ def _engine(model: str, family, transformer, dtype: str, device, specs, fuse_lor
         from editkit.infer.parallel import apply_parallel
 
         loaded = apply_parallel(loaded, parallel)
+    if adapter is not None:
+        loaded = rope_frames.view(loaded, adapter.rope_frames)
     engine = Engine(loaded.with_scheduler(preset.scheduler) if preset else loaded,
                     model_name=str(model), transformer_name=str(transformer) if transformer else None,
                     run_settings=run_settings(speed, preset))
-    if specs:
+    if adapter is not None and adapter.path:
+        engine.load_adapter(adapter.path, adapter.without)
+    if specs or (fuse_lora and engine.adapter):
         engine.load_loras(specs, fuse=fuse_lora)
     apply_speed(engine.model, speed)
     return engine, speed
@@ -128,6 +146,9 @@ def edit_command(
     sampler: SamplerOpt = "flow",
     lora: LoraOpt = None,
     fuse_lora: FuseOpt = False,
+    adapter: AdapterOpt = None,
+    without: WithoutOpt = None,
+    rope_frames: RopeFramesOpt = None,
     family: FamilyOpt = None,
     transformer: TransformerOpt = None,
     dtype: DtypeOpt = "auto",
@@ -158,8 +179,9 @@ def edit_command(
                           mask=mask_image, fusion=fusion, feather=feather, sampler=sampler, image_cfg=image_cfg).check()
     if parallel not in ("none", "cfg", "ulysses"):
         raise UserError(f"--parallel {parallel!r}: use none, cfg or ulysses")
+    choice = _adapter_choice(adapter, without, rope_frames, parallel)
     engine, speed_options = _engine(model, family, transformer, dtype, device, specs, fuse_lora, speed_options,
-                                    chosen, parallel, single_edit=True)
+                                    chosen, parallel, single_edit=True, adapter=choice)
     if mask is not None and fusion == "off" and not engine.takes_mask():
         raise UserError(f"--mask {mask}: family {engine.model.family.name} uses a mask only for mask fusion; add "
                         "--fusion pixel-mask (or latent-mask, latent+pixel-mask), or leave --mask out")
@@ -183,6 +205,9 @@ def chat_command(
     seed: SeedOpt = 0,
     lora: LoraOpt = None,
     fuse_lora: FuseOpt = False,
+    adapter: AdapterOpt = None,
+    without: WithoutOpt = None,
+    rope_frames: RopeFramesOpt = None,
     family: FamilyOpt = None,
     transformer: TransformerOpt = None,
     dtype: DtypeOpt = "auto",
@@ -210,7 +235,9 @@ def chat_command(
     check_sampling(steps, seed, "flow", 0)
     images = [load_image(p) for p in image]
     save = save or Path(f"chat-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    engine, _ = _engine(model, family, transformer, dtype, device, specs, fuse_lora, speed_options, chosen)
+    choice = _adapter_choice(adapter, without, rope_frames)
+    engine, _ = _engine(model, family, transformer, dtype, device, specs, fuse_lora, speed_options, chosen,
+                        adapter=choice)
     session = EditSession(engine, images, negative_prompt=negative, true_cfg_scale=cfg, steps=steps, seed=seed)
     typer.echo(USAGE, err=True)
     run_chat(session, _stdin_lines(session), save, typer.echo, new_progress=_step_bar)
@@ -241,6 +268,9 @@ def infer_command(
     negative: NegativeOpt = NEGATIVE_PROMPT,
     lora: LoraOpt = None,
     fuse_lora: FuseOpt = False,
+    adapter: AdapterOpt = None,
+    without: WithoutOpt = None,
+    rope_frames: RopeFramesOpt = None,
     fusion: FusionOpt = "off",
     feather: FeatherOpt = 8,
     sampler: SamplerOpt = "flow",
@@ -276,9 +306,10 @@ def infer_command(
                               steps=_or_preset(steps, chosen, "steps", None), seed=seed, image_cfg=image_cfg,
                               negative_prompt=negative, fusion=fusion, feather=feather, sampler=sampler, width=width,
                               height=height, batch_size=batch_size, preset=chosen.name if chosen else None).check()
+    choice = _adapter_choice(adapter, without, rope_frames)
     records = read_manifest(data, format=format, fields=parse_field_overrides(field))
     engine, speed_options = _engine(model, family, transformer, dtype, device, specs, fuse_lora, speed_options,
-                                    chosen)
+                                    chosen, adapter=choice)
     config = dataclasses.replace(config, speed=speed_options.settings())
     result = run_dataset(engine, records, out, config, overwrite=overwrite, skip_bad=skip_bad)
     typer.echo(f"rank {dist.rank()}: wrote {len(result.written)} image(s), skipped {result.skipped} finished, "

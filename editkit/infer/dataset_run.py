@@ -261,6 +261,7 @@ def _write_manifest(engine: Engine, folder: Path, cfg: float, config: DatasetRun
     write_run_manifest(folder, "infer", {**settings, "true_cfg_scale": cfg, "model": engine.model_name,
                                          "transformer": engine.transformer_name,
                                          "family": engine.model.family.name,
-                                         "lora": [[s.path, s.scale] for s in engine.loras]},
+                                         "lora": [[s.path, s.scale] for s in engine.loras],
+                                         **engine.adapter_settings()},
                        seed=config.seed, name=_manifest_name(dist.rank(), dist.world_size()), records=total,
                        rank=dist.rank(), world_size=dist.world_size(), **extra)

@@ -143,6 +143,9 @@ class Engine:
         """How the model runs (a few-step preset, the speed switches): recorded in every output's settings."""
         self.max_batch = max_batch
         self.loras: list = []
+        self.adapter = None
+        """The adapter bundle on the model (`editkit.models.adapter_bundle.AppliedBundle`), or None."""
+        self._fuse = False
         self._lock = threading.RLock()
 
     # ----- LoRA ------------------------------------------------------------------------------
@@ -150,11 +153,12 @@ class Engine:
     def load_loras(self, specs: Sequence, fuse: bool = False) -> None:
         """Apply LoRA files (`LoraSpec` or "PATH[:SCALE]" strings), replacing any loaded before."""
         from editkit.models import lora
+        from editkit.models.adapter_bundle import apply_adapters
 
         specs = [s if isinstance(s, lora.LoraSpec) else lora.LoraSpec.parse(s) for s in specs]
         with self._lock:
-            lora.apply_loras(self.model.transformer, specs, fuse=fuse)
-            self.loras = specs
+            apply_adapters(self.model.transformer, specs, self.adapter, fuse=fuse)
+            self.loras, self._fuse = specs, fuse
 
     def unload_loras(self) -> None:
         from editkit.models import lora
@@ -162,6 +166,37 @@ class Engine:
         with self._lock:
             lora.unload_loras(self.model.transformer)
             self.loras = []
+            if self.adapter is not None:
+                self.load_loras([], self._fuse)  # the bundle's LoRA stays
+
+    def load_adapter(self, path, without: Sequence[str] = ()) -> None:
+        """Apply an adapter bundle (its LoRA and extra modules, `editkit.models.adapter_bundle`) beside
+        the LoRA files, replacing a bundle loaded before (None: just remove it); `without` names extra
+        modules to leave off."""
+        from editkit.models import adapter_bundle
+
+        bundle = adapter_bundle.load_bundle(path) if path is not None else None
+        if bundle is not None:
+            adapter_bundle.check_family(bundle.meta, self.model.family.name, str(path))
+        with self._lock:
+            if self.adapter is not None:
+                self.adapter.remove()
+                self.adapter = None
+            if bundle is not None:
+                self.adapter = adapter_bundle.AppliedBundle(bundle, self.model, str(path), without)
+            self.load_loras(self.loras, self._fuse)
+
+    def set_adapter_extras(self, names: Sequence[str]) -> None:
+        """Switch on exactly these extra modules of the adapter bundle (the others off)."""
+        with self._lock:
+            self.adapter.set_active(names)
+
+    def adapter_settings(self) -> dict:
+        """The adapter bundle (file, sha256, extras on and off) and a RoPE frame mode other than
+        "own", when there are: for outputs' settings, run manifests and fingerprints."""
+        mode = getattr(self.model, "rope_frames", "own")
+        return {**({"adapter": self.adapter.settings()} if self.adapter else {}),
+                **({"rope_frames": mode} if mode != "own" else {})}
 
     # ----- settings --------------------------------------------------------------------------
 
@@ -191,6 +226,7 @@ class Engine:
             "family": self.model.family.name,
             "dtype": str(self.model.dtype),
             "lora": [[spec.path, file_digest(spec.path), spec.scale] for spec in self.loras],
+            **self.adapter_settings(),
         }
 
     def resolve(self, request: EditRequest) -> EditRequest:
@@ -236,6 +272,7 @@ class Engine:
             "model": self.model_name,
             "family": self.model.family.name,
             "lora": [[spec.path, spec.scale] for spec in self.loras],
+            **self.adapter_settings(),
             **extra,
             **self.run_settings,
         }

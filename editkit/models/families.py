@@ -16,6 +16,7 @@ FAMILY_MODULES = {
     "qwen-image-edit": "editkit.models.qwen_image_edit",
     "qwen-image-edit-2509": "editkit.models.qwen_image_edit",
     "qwen-image-edit-2511": "editkit.models.qwen_image_edit",
+    "qwen-image-layered": "editkit.models.qwen_image_layered",
 }
 """Family name -> the module that defines it."""
 

@@ -169,6 +169,37 @@ class CustomSampler(Protocol):
         guidance scale (`SamplingDefaults.cfg`), `image_cfg[i]` its image guidance scale."""
 
 
+class RopeFrames(Protocol):
+    """The optional RoPE frame option of a facade (`train.rope_frames`, `--rope-frames`;
+    editkit.models.rope_frames)."""
+
+    rope_frames: str
+    """"own" (each condition image at its own RoPE frame, as released) or "shared" (all at the target's)."""
+
+    def with_rope_frames(self, mode: str) -> EditModel:
+        """The same model placing condition images by `mode`, sharing the weights."""
+
+
+class ExtraModule(Protocol):
+    """A module a family adds to its transformer for `train.extra_modules` (editkit.models.ste):
+    zero-initialised, so an untrained one changes nothing; a submodule of the transformer."""
+
+    def set_active(self, active: bool) -> None:
+        """Switch it on or off (`--without NAME`) without removing it."""
+
+    def detach(self, transformer: torch.nn.Module, name: str) -> None:
+        """Remove it (its hooks and the submodule `name`) from `transformer`."""
+
+
+class ExtraModules(Protocol):
+    """The optional `extra_modules` method of a family offering new trainable modules."""
+
+    def extra_modules(self) -> Mapping[str, Callable[[torch.nn.Module, str], ExtraModule]]:
+        """Name (as `train.extra_modules` and `--without` write it) -> factory(transformer, attribute):
+        a new module attached to the transformer as its submodule `attribute`
+        (editkit.models.adapter_bundle)."""
+
+
 class ModelFamily(Protocol):
     """Static facts about one family and how to build, load and write its models."""
 

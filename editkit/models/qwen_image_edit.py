@@ -127,6 +127,11 @@ class QwenImageEditFamily:
         images = "".join(self.image_prompt.format(i + 1) for i in range(num_images))
         return f"{self.system_prompt}{images}{instruction}{self.prompt_suffix}"
 
+    @property
+    def model_class(self) -> type:
+        """The facade class of this family's models (a family built on this code gives its own subclass)."""
+        return QwenImageEditModel
+
     def unused_modules(self, transformer) -> list[str]:
         """Modules whose output the model discards (no LoRA goes there): the last block's text stream."""
         blocks = getattr(transformer, "transformer_blocks", None)
@@ -134,6 +139,17 @@ class QwenImageEditFamily:
             return []
         last = f"transformer_blocks.{len(blocks) - 1}"
         return [f"{last}.attn.to_add_out", f"{last}.txt_mlp"]
+
+    def extra_modules(self) -> dict:
+        """New modules `train.extra_modules` can add: `ste`, one learned vector per image slot (the
+        target and up to `max_images` condition images, editkit.models.ste). None for a transformer
+        whose frames are layers (Qwen-Image-Layered)."""
+        if self.transformer_flags.get("use_layer3d_rope"):
+            return {}
+        from editkit.models.ste import CONDITION_SLOTS, attach_ste
+
+        slots = 1 + (self.max_images or CONDITION_SLOTS)
+        return {"ste": lambda transformer, name: attach_ste(transformer, name, slots)}
 
     # ----- folders ---------------------------------------------------------------------------
 
@@ -174,7 +190,7 @@ class QwenImageEditFamily:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         placed = _device_map(device)
-        return QwenImageEditModel(
+        return self.model_class(
             self,
             transformer=self.load_transformer(transformer_dir, torch_dtype, device),
             vae=AutoencoderKLQwenImage.from_pretrained(root / "vae", torch_dtype=torch_dtype, local_files_only=True,
@@ -202,8 +218,8 @@ class QwenImageEditFamily:
         spec = get_preset(preset)
         parts = build_components(spec, self, seed=seed, device=device, dtype=dtype)
         view = {key: spec.view_area for key in VIEW_AREAS} if spec.view_area else {}
-        return QwenImageEditModel(self, parts.transformer, parts.vae, parts.text_encoder, parts.tokenizer,
-                                  parts.image_processor, parts.scheduler, **{**view, **(areas or {})})
+        return self.model_class(self, parts.transformer, parts.vae, parts.text_encoder, parts.tokenizer,
+                                parts.image_processor, parts.scheduler, **{**view, **(areas or {})})
 
     def write_folder(self, model: QwenImageEditModel, out: Path, extra: dict | None = None) -> None:
         """Write the model's components and model_index.json into the (empty) folder `out`; `extra`
@@ -332,6 +348,8 @@ class QwenImageEditModel:
         self._velocity_hooks: tuple = ()
         self._split_lengths = False
         self._batch_split = None
+        self.rope_frames = "own"
+        """Condition images at their own RoPE frames ("own") or the target's ("shared"): `with_rope_frames`."""
 
     # ----- derived views (clients never assign to a facade's attributes) ---------------------
 
@@ -361,6 +379,18 @@ class QwenImageEditModel:
         editkit.models.lightning), sharing the weights."""
         view = copy.copy(self)
         view.scheduler = type(self.scheduler).from_config(dict(config))
+        return view
+
+    def with_rope_frames(self, mode: str) -> QwenImageEditModel:
+        """The same model with condition images at their own RoPE frames ("own", as released) or all
+        at the target's frame ("shared": the positional ablation, editkit.models.rope_frames)."""
+        from editkit.models import rope_frames
+
+        rope_frames.check(mode)
+        if mode != "own":
+            rope_frames.check_supported(self.transformer)
+        view = copy.copy(self)
+        view.rope_frames = mode
         return view
 
     def with_cfg_parallel(self, split) -> QwenImageEditModel:
@@ -592,16 +622,24 @@ class QwenImageEditModel:
             timestep = torch.as_tensor(timestep, device=latents.device).expand(batch)
         if prompt_mask is not None and bool(prompt_mask.all()):
             prompt_mask = None
-        out = self.transformer(
-            hidden_states=hidden,
-            timestep=timestep.to(device=latents.device, dtype=latents.dtype),
-            encoder_hidden_states=prompt_embeds,
-            encoder_hidden_states_mask=prompt_mask,
-            img_shapes=img_shapes,
-            attention_kwargs=attention_kwargs,
-            return_dict=False,
-        )[0]
+        from editkit.models.rope_frames import applied
+
+        with applied(self.transformer, self.rope_frames):
+            out = self.transformer(
+                hidden_states=hidden,
+                timestep=timestep.to(device=latents.device, dtype=latents.dtype),
+                encoder_hidden_states=prompt_embeds,
+                encoder_hidden_states_mask=prompt_mask,
+                img_shapes=img_shapes,
+                attention_kwargs=attention_kwargs,
+                return_dict=False,
+                **self._transformer_inputs(batch, latents.device),
+            )[0]
         return out[:, :num_target]
+
+    def _transformer_inputs(self, batch: int, device) -> dict:
+        """Extra transformer arguments of a family built on this code (none here)."""
+        return {}
 
     # ----- whole requests --------------------------------------------------------------------
 

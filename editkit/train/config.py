@@ -90,6 +90,20 @@ class ModelSection(_Strict):
     # editkit.models.accel's lossless fast path: fused RoPE/GELU, cuDNN attention, regional compile
     # (single GPU or DDP; the first steps compile, 10-30 s)
     compile: bool = False
+    # modules trained fully beside the LoRA and saved with it as one adapter bundle: new ones the
+    # family offers (`ste`) and existing ones by name pattern (`img_in`, `norm_out`, globs)
+    extra_modules: list[str] = Field(default_factory=list)
+    rope_frames: Literal["own", "shared"] = "own"  # condition images at their own RoPE frames or the target's
+
+    @model_validator(mode="after")
+    def _extra_modules(self):
+        if self.extra_modules and self.mode != "lora":
+            raise ValueError("extra_modules: needs mode lora (a full fine-tune trains every module already)")
+        if any(not name.strip() for name in self.extra_modules):
+            raise ValueError("extra_modules: a name is empty; give module names such as ste or img_in")
+        if len(set(self.extra_modules)) < len(self.extra_modules):
+            raise ValueError("extra_modules: a name is given twice; give each once")
+        return self
 
 
 class TimestepConfig(_Strict):

@@ -190,6 +190,9 @@ class EditTask:
         self.sampler = mixing_sampler(self.sources, weights, cfg.data.batch_size, cfg.seed, rank, world)
         self.val = _OnlineSource(cfg.data.val, self.model, buckets, keep=True, fields=fields) if cfg.data.val else None
         self.info = setup_trainable(self.model.transformer, cfg.train, self.model.family)
+        from editkit.models import rope_frames
+
+        self.model = rope_frames.view(self.model, cfg.train.rope_frames)
         if cfg.data.cache and not self._needs_encoders():
             self.model = self.model.without_encoders()  # the cache replaces them; free the memory
         dtype = torch.float32 if cfg.train.trainable_dtype == "fp32" else torch.bfloat16
@@ -347,10 +350,29 @@ class EditTask:
 
         meta = {"base_model": self.cfg.model, "family": self.model.family.name, "step": step}
         paths = [save_lora(folder / name, sd, layout, meta) for layout, name in LORA_FILES.items()]
-        extra = {n: p.detach().cpu().contiguous() for n, p in extra.items()}
+        bundled = self.info.get("extra_modules") or {}
+        if bundled:
+            paths.append(self._export_bundle(sd, extra, folder, meta))
+        owned = {p for spec in bundled.values() for p in spec["params"]}
+        extra = {n: p.detach().cpu().contiguous() for n, p in extra.items() if n not in owned}
         if extra:  # modules unfrozen with train.unfreeze, under their transformer names
             from safetensors.torch import save_file
 
             save_file(extra, str(folder / "unfrozen_modules.safetensors"))
             paths.append(folder / "unfrozen_modules.safetensors")
         return paths
+
+    def _export_bundle(self, sd: dict, trained: dict, folder: Path, meta: dict) -> Path:
+        """The LoRA and the train.extra_modules as one adapter bundle (editkit.models.adapter_bundle)."""
+        from editkit.models import adapter_bundle as ab
+        from editkit.models.lora import convert
+        from editkit.train.config import trajectory_settings
+        from editkit.utils.fingerprint import digest
+
+        extras = {name: ab.ExtraModule(spec["kind"], {ab.bundle_param(name, spec["kind"], p): trained[p]
+                                                     for p in spec["params"]})
+                  for name, spec in self.info["extra_modules"].items()}
+        bundle = ab.Bundle(lora=convert(sd, "diffusers"), extras=extras,
+                           meta={**meta, "rope_frames": self.cfg.train.rope_frames,
+                                 "config_digest": digest(trajectory_settings(self.cfg))})
+        return ab.save_bundle(folder / ab.BUNDLE_FILE, bundle)

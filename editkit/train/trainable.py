@@ -1,4 +1,5 @@
-"""What to train: LoRA on the transformer (peft), full fine-tuning, extra modules unfrozen by name.
+"""What to train: LoRA on the transformer (peft), full fine-tuning, extra modules (new ones a family
+offers, existing ones by name) trained beside the LoRA, modules unfrozen by name.
 
 Which modules a named LoRA preset (`train.lora.targets: default | expanded`) covers is a fact of
 the model family (`family.lora_targets`), and so is which modules never receive a gradient
@@ -84,14 +85,67 @@ def unfreeze(model: nn.Module, patterns: list[str]) -> list[str]:
     return names
 
 
-def setup_trainable(transformer: nn.Module, section: ModelSection, family) -> dict:
-    """Apply train.mode (lora / full) and train.unfreeze; freeze the family's unused modules.
+def add_extra_modules(transformer: nn.Module, names: list[str], family, lora_targets: list[str]) -> dict:
+    """train.extra_modules: trained fully beside the LoRA and saved with it as an adapter bundle
+    (editkit.models.adapter_bundle).
 
-    `family`: the model family (`EditModel.family`), for its LoRA presets and unused modules.
+    A name the family offers (`extra_modules()`, e.g. `ste`) attaches that new, zero-initialised
+    module; any other name is a module-name pattern (as train.unfreeze: `img_in`, `norm_out`, a
+    glob) whose existing modules are unfrozen. Returns {name: {"kind", "params": [transformer
+    parameter names]}}, which the export turns into the bundle.
+    """
+    from editkit.models import adapter_bundle as ab
+
+    offered = ab.family_extras(family)
+    extras: dict = {}
+    owner: dict[str, str] = {}
+    for name in names:
+        if name in offered:
+            module = offered[name](transformer, ab.submodule_name(name))
+            module.requires_grad_(True)
+            params = [f"{ab.submodule_name(name)}.{p}" for p, _ in module.named_parameters()]
+            kind = ab.FAMILY_KIND
+        else:
+            unused = family.unused_modules(transformer)
+            hits = [n for n, _ in transformer.named_modules() if n and _matches(n, name) and not _is_unused(n, unused)]
+            if not hits:
+                raise UserError(f"train.extra_modules: {name!r} is neither a module family {family.name} offers "
+                                f"({', '.join(offered) or 'none'}) nor matches a module of the transformer; give "
+                                "module names such as 'img_in' or globs such as 'transformer_blocks.0.*'")
+            adapted = [h for h in hits if any(h == t or h.startswith(t + ".") or t.startswith(h + ".")
+                                              for t in lora_targets)]
+            if adapted:
+                raise UserError(f"train.extra_modules: {name!r} covers {adapted[0]}, which the LoRA adapts "
+                                "(train.lora.targets); train a module one way: leave it out of one list")
+            params = sorted({f"{h}.{p}" for h in hits for p, _ in transformer.get_submodule(h).named_parameters()
+                             if not _is_unused(f"{h}.{p}", unused)})
+            if not params:
+                raise UserError(f"train.extra_modules: {name!r} matches modules without weights ({hits[0]}); "
+                                "name modules that have parameters")
+            for param in params:
+                transformer.get_parameter(param).requires_grad_(True)
+            kind = ab.MODULE_KIND
+        for param in params:
+            if param in owner:
+                raise UserError(f"train.extra_modules: {name!r} and {owner[param]!r} both cover {param}; name each "
+                                "module once")
+            owner[param] = name
+        extras[name] = {"kind": kind, "params": params}
+    return extras
+
+
+def setup_trainable(transformer: nn.Module, section: ModelSection, family) -> dict:
+    """Apply train.mode (lora / full), train.extra_modules and train.unfreeze; freeze the family's
+    unused modules.
+
+    `family`: the model family (`EditModel.family`), for its LoRA presets, extra and unused modules.
     """
     info: dict = {"mode": section.mode}
     if section.mode == "lora":
         info["lora_targets"] = add_lora(transformer, section, family)
+        if section.extra_modules:
+            info["extra_modules"] = add_extra_modules(transformer, section.extra_modules, family,
+                                                      info["lora_targets"])
     else:
         transformer.requires_grad_(True)
     if section.unfreeze:
