@@ -23,7 +23,6 @@ import io
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from editkit.eval.layerd import MAX_MERGES, column_names, layerd_scores, sample_
 from editkit.eval.ranks import gather, rank_group
 from editkit.eval.runner import INFO_COLUMNS, Run, check_run_name
 from editkit.eval.stats import bootstrap_mean
+from editkit.layers.decompose import layer_files
 from editkit.layers.records import MANIFEST, PreparedSample, read_prepared
 from editkit.utils import dist
 from editkit.utils.atomic import atomic_path, write_json, write_text
@@ -43,7 +43,6 @@ from editkit.utils.progress import make_progress
 from editkit.utils.runinfo import write_run_manifest
 
 JOB = "eval-layers"
-LAYER_FILE = re.compile(r"^layer_(\d+)\.png$")
 RESIZE_POLICY = ("predicted layers resized to the ground truth's prepared size (PIL bicubic, premultiplied RGBA); "
                  "values in [0, 1]")
 PROTOCOL = {"metric": "LayerD (layerd.evaluation.LayersEditDist)", "max_merges": MAX_MERGES, "grouping": True,
@@ -74,15 +73,6 @@ def read_ground_truth(data: Path) -> GroundTruth:
     if not samples:
         raise UserError(f"{root / MANIFEST}: no samples to evaluate")
     return GroundTruth(root, samples)
-
-
-def layer_files(folder: Path) -> list[Path]:
-    """The layer_NN.png files of a sample folder, by number (back to front)."""
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_file() and (m := LAYER_FILE.match(p.name))]
-    numbers = [n for n, _ in found]
-    if len(set(numbers)) != len(numbers):
-        raise UserError(f"{folder}: two layer files with one number (e.g. layer_1.png and layer_01.png); keep one")
-    return [p for _, p in sorted(found)]
 
 
 def check_runs(runs: list[Run]) -> list[Run]:

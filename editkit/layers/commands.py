@@ -1,4 +1,5 @@
-"""`editkit layers ...`: prep, validate and synth for layered RGBA data (thin wrappers)."""
+"""`editkit layers ...`: prep, validate and synth for layered RGBA data, and decompose / infer with a
+layer decomposer (thin wrappers)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from editkit.infer.commands import (
     TransformerOpt,
 )
 
-layers_app = typer.Typer(help="Layered RGBA data and the RGBA-VAE (Qwen-Image-Layered): prepare, validate, synthesize, convert.",
+layers_app = typer.Typer(help="Layered RGBA data, the RGBA-VAE and layer decomposition (Qwen-Image-Layered): prepare, validate, synthesize, convert, decompose, infer.",
                          no_args_is_help=True)
 
 

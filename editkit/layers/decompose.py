@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from editkit.utils.runinfo import write_run_manifest
 log = logging.getLogger(__name__)
 
 LAYER_PATTERN = "layer_{:02d}.png"
-LAYER_GLOB = "layer_[0-9][0-9]*.png"
+LAYER_FILE = re.compile(r"^layer_(\d+)\.png$")
 PSD_FILE = "layers.psd"
 RECOMPOSITE_FILE = "recomposite.png"
 RUN_MANIFEST = "run.json"
@@ -63,8 +64,13 @@ def layer_name(index: int) -> str:
 
 
 def layer_files(folder: str | Path) -> list[Path]:
-    """The layer PNGs of an output folder, bottom first (by index, not by name: 100 sorts after 99)."""
-    return sorted(Path(folder).glob(LAYER_GLOB), key=lambda p: int(p.stem.split("_")[1]))
+    """The layer_NN.png files of a sample folder, bottom first (by number, not by name: 100 sorts
+    after 99); the one reader of the layout, for `layers infer` and `eval --task layers` alike."""
+    found = [(int(m.group(1)), p) for p in Path(folder).iterdir() if p.is_file() and (m := LAYER_FILE.match(p.name))]
+    numbers = [n for n, _ in found]
+    if len(set(numbers)) != len(numbers):
+        raise UserError(f"{folder}: two layer files with one number (e.g. layer_1.png and layer_01.png); keep one")
+    return [p for _, p in sorted(found)]
 
 
 # ----- settings and the model ------------------------------------------------------------------
