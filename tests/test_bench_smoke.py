@@ -48,3 +48,16 @@ def test_scaling_and_lightning_sections_run_on_the_tiny_preset(tmp_path):
     assert scaling[-1]["tokens"] > scaling[0]["tokens"]
     names = [r["name"] for r in results["rows"] if r["section"] == "lightning"]
     assert len(names) == 3 and "lightning-8step" in names[1]
+
+
+def test_baselines_speed_instruct_pix2pix_runs_on_the_tiny_preset(capsys):
+    import json
+
+    from bench import baselines_speed
+
+    result = baselines_speed.main(["--family", "instruct-pix2pix", "--tiny", "--batch", "2"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result  # one JSON line
+    assert result["preset"] == "tiny" and result["steps"] == 3 and result["size"] == 64
+    assert result["max_pixel_diff"] <= 1  # editkit's engine computes the pipeline's image
+    for name in ("diffusers", "editkit"):
+        assert result[f"{name}_s_per_image"] > 0 and result[f"{name}_batch2_s_per_image"] > 0

@@ -207,6 +207,8 @@ class AppController:
         mask = load_uploaded_mask(mask_path, size, self.limits) if mask_path else mask_from_editor(editor_value, size)
         if settings.fusion != "off" and mask is None:
             raise UserError(f"Mask fusion '{settings.fusion}' needs a mask: paint the edit region or upload a mask")
+        if mask is None and self.engine.takes_mask():
+            raise UserError("This model fills a masked region: paint the region to edit or upload a mask")
         return settings, mask
 
     def edit(self, session: AppSession | None, settings: EditSettings, editor_value: dict | None = None,

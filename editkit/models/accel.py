@@ -122,7 +122,15 @@ def set_attention(model, backend: str | None) -> str | None:
 
 
 def compile_blocks(model, *, fullgraph: bool = True, dynamic: bool | None = None, mode: str | None = None) -> None:
-    """Regional compile: each transformer block is compiled; all blocks share one graph."""
+    """Regional compile: each transformer block is compiled; all blocks share one graph.
+
+    Not for UNets (InstructPix2Pix): their small transformer blocks compiled regionally measured
+    slower than eager on an H200 (2.2 s vs 1.6-1.9 s per 512² edit; docs/benchmarks.md), so a UNet
+    runs eager under every speed mode."""
+    from diffusers import UNet2DConditionModel
+
+    if isinstance(transformer_of(model), UNet2DConditionModel):
+        return
     # Text length changes between prompts; each length is one more entry of the shared block graph.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     options = {k: v for k, v in (("dynamic", dynamic), ("mode", mode)) if v is not None}
@@ -205,13 +213,17 @@ def _real_rope_hook(module, args, output):
 
 
 def fuse_block_ops(model) -> None:
-    """Swap in the fusable block math (real RoPE; GELU in the matmul epilogue on CUDA). Lossless."""
+    """Swap in the fusable block math (real RoPE; GELU in the matmul epilogue on CUDA). Lossless.
+
+    The fused processor is written for the QwenImage double-stream blocks; other networks (Flux,
+    UNets) keep their own math and get only the rest of the fast path (compile, attention)."""
     import types
 
+    from diffusers import QwenImageTransformer2DModel
     from diffusers.models.activations import GELU
 
     transformer = transformer_of(model)
-    if getattr(transformer, "_editkit_fused", False):
+    if getattr(transformer, "_editkit_fused", False) or not isinstance(transformer, QwenImageTransformer2DModel):
         return
     transformer.pos_embed.register_forward_hook(_real_rope_hook)
     for block in transformer.transformer_blocks:

@@ -16,6 +16,9 @@ FAMILY_MODULES = {
     "qwen-image-edit": "editkit.models.qwen_image_edit",
     "qwen-image-edit-2509": "editkit.models.qwen_image_edit",
     "qwen-image-edit-2511": "editkit.models.qwen_image_edit",
+    "instruct-pix2pix": "editkit.models.instruct_pix2pix",
+    "flux-fill": "editkit.models.flux_fill",
+    "ace-plus": "editkit.models.ace_plus",
     "qwen-image-layered": "editkit.models.qwen_image_layered",
 }
 """Family name -> the module that defines it."""

@@ -15,7 +15,12 @@ Layouts (module names are the diffusers `QwenImageTransformer2DModel` names, e.g
 
 Read only: ``kohya`` (``lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight``, musubi-tuner
 and kohya scripts), turned into the diffusers layout by diffusers' own converter, which folds
-each alpha into the weights (same effect, no alpha left).
+each alpha into the weights (same effect, no alpha left); ``flux-bfl``: LoRAs of the Flux
+transformer in Black Forest Labs' module names (``double_blocks.N.img_attn.qkv``,
+``single_blocks.N.linear1``, ...) with the ``lora_unet_`` (kohya) or ``diffusion_model.`` (ComfyUI)
+prefix — ACE++'s released LoRAs — renamed to diffusers' Flux modules; a fused projection
+(qkv, linear1) becomes one LoRA per part, each with the whole down matrix, its rows of the up
+matrix and the alpha (the same weight change).
 
 Every layout may carry one ``alpha`` per module; the effective scale is ``alpha / rank`` (PEFT's
 ``lora_alpha / r``); without an alpha the scale is 1. Conversion only renames keys: tensors and
@@ -79,6 +84,8 @@ def detect_layout(state_dict: dict[str, torch.Tensor], source: str = "LoRA") -> 
     keys = list(state_dict)
     if not keys:
         raise UserError(f"{source}: the LoRA has no tensors; is it the right file?")
+    if any(_BFL_FLUX.match(k) for k in keys):
+        return "flux-bfl"
     if any(k.startswith(_COMFY_PREFIX) for k in keys):
         return "comfyui"
     if any(k.startswith("lora_unet_") for k in keys):
@@ -99,6 +106,8 @@ def parse(state_dict: dict[str, torch.Tensor], layout: str | None = None,
     layout = layout or detect_layout(state_dict, source)
     if layout == "kohya":
         state_dict, layout = _from_kohya(state_dict, source), "diffusers"
+    elif layout == "flux-bfl":
+        state_dict, layout = _from_bfl_flux(state_dict, source), "diffusers"
     if layout not in LAYOUTS:
         raise UserError(f"{source}: unknown LoRA layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     pattern = _PATTERNS[layout]
@@ -130,6 +139,58 @@ def _from_kohya(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, t
         return _convert_non_diffusers_qwen_lora_to_diffusers(dict(state_dict))
     except (ValueError, KeyError, IndexError) as err:
         raise UserError(f"{source}: kohya-style LoRA keys could not be converted ({str(err)[:120]})") from None
+
+
+_BFL_FLUX = re.compile(r"^(?:lora_unet_|diffusion_model\.)(?P<kind>double|single)_blocks[._](?P<i>\d+)[._]"
+                       r"(?P<m>.+?)\.(?:(?P<ab>lora_[AB]|lora_down|lora_up)\.weight|(?P<alpha>alpha))$")
+_BFL_FLUX_MODULES = {
+    # BFL module (dots as underscores) -> diffusers module(s) of that block; a tuple is a fused
+    # projection split into its parts (the up matrix's rows: equal parts, or single blocks' linear1:
+    # q, k, v of the width and the MLP of 4 widths)
+    "double": {"img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn_proj": "attn.to_out.0",
+               "img_mlp_0": "ff.net.0.proj", "img_mlp_2": "ff.net.2", "img_mod_lin": "norm1.linear",
+               "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+               "txt_attn_proj": "attn.to_add_out", "txt_mlp_0": "ff_context.net.0.proj",
+               "txt_mlp_2": "ff_context.net.2", "txt_mod_lin": "norm1_context.linear"},
+    "single": {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": "proj_out",
+               "modulation_lin": "norm.linear"},
+}
+_BFL_FLUX_BLOCKS = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
+
+
+def _from_bfl_flux(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """A Flux LoRA in BFL module names -> the diffusers layout (alphas kept as `.alpha` tensors)."""
+    parts: dict[tuple, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    for key, tensor in state_dict.items():
+        match = _BFL_FLUX.match(key)
+        if match is None:
+            raise UserError(f"{source}: key {key!r} does not fit the Flux (BFL names) LoRA layout of the "
+                            "file's other keys; the file mixes layouts or is not a LoRA")
+        name = match["m"].replace(".", "_")
+        if name not in _BFL_FLUX_MODULES[match["kind"]]:
+            raise UserError(f"{source}: {match['kind']} block module {match['m']!r} (key {key!r}) has no "
+                            "diffusers Flux counterpart editkit knows; is it a LoRA of FLUX.1?")
+        slot = "alpha" if match["alpha"] else _AB[match["ab"]]
+        parts[(match["kind"], match["i"], name)][slot] = tensor
+    out: dict[str, torch.Tensor] = {}
+    for (kind, index, name), slots in parts.items():
+        if "A" not in slots or "B" not in slots:
+            raise UserError(f"{source}: {kind} block {index} module {name!r} lacks its "
+                            f"{'down' if 'A' not in slots else 'up'} weight; the file is incomplete")
+        targets = _BFL_FLUX_MODULES[kind][name]
+        targets = (targets,) if isinstance(targets, str) else targets
+        up = slots["B"]
+        if up.shape[0] % (7 if len(targets) == 4 else len(targets)):
+            raise UserError(f"{source}: {kind} block {index} module {name!r} has an up matrix of {up.shape[0]} "
+                            "rows, which does not split into its fused parts; is it a LoRA of FLUX.1?")
+        widths = [up.shape[0] // 7] * 3 + [4 * up.shape[0] // 7] if len(targets) == 4 else None
+        ups = torch.split(up, widths) if widths else torch.chunk(up, len(targets))
+        for target, part in zip(targets, ups):
+            module = f"{_DIFFUSERS_PREFIX}{_BFL_FLUX_BLOCKS[kind]}.{index}.{target}"
+            out[f"{module}.lora_A.weight"], out[f"{module}.lora_B.weight"] = slots["A"], part.contiguous()
+            if "alpha" in slots:
+                out[f"{module}.alpha"] = slots["alpha"]
+    return out
 
 
 def build(modules: dict[str, LoraModule], layout: str) -> dict[str, torch.Tensor]:
