@@ -366,8 +366,8 @@ class Engine:
             # `(1 - s) source + s noise`, so after the last step they are the source's there; the CFG
             # batch (conditional and negative stacked) is handled by tiling
             repeat = math.ceil(velocity.shape[0] / packed_weight.shape[0])
-            return fusion_ops.blend_latents(velocity, background_velocity.repeat(repeat, 1, 1),
-                                            packed_weight.repeat(repeat, 1, 1))
+            tile = (repeat, *[1] * (velocity.ndim - 1))  # packed latents of any rank
+            return fusion_ops.blend_latents(velocity, background_velocity.repeat(tile), packed_weight.repeat(tile))
 
         return self.model.with_velocity_hook(keep_background)
 
