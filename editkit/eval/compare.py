@@ -16,12 +16,17 @@ from editkit.errors import UserError
 from editkit.eval.report import GalleryItem, build_report
 from editkit.eval.runner import INFO_COLUMNS
 from editkit.eval.stats import bootstrap_mean, paired_difference
-from editkit.utils.atomic import write_json, write_text
+from editkit.utils.atomic import atomic_dir, write_json, write_text
 
 KEY_METRICS = ("psnr", "ssim", "mae", "psnr_out", "ssim_out", "effnet_sim", "clip_i", "clip_t", "dino",
                "dinov3", "siglip2", "seam", "ghost")
 _CFG = re.compile(r"cfg[-_=]?(\d+(?:\.\d+)?)", re.IGNORECASE)
+_MODEL_KEYS = ("model", "transformer", "family", "lora", "adapter", "rope_frames")
 ALL = "all"
+SUMMARY_FILE = "summary.json"
+"""Each run's statistics: <out>/runs/<run>/summary.json."""
+FULL_REPORT_FILE = "full_report.csv"
+"""Every run's per-sample rows in one table: <out>/full_report.csv."""
 
 
 def _float(text: str) -> float:
@@ -97,6 +102,7 @@ def load_eval_dirs(dirs: list) -> tuple[list[dict], list[str], dict[str, dict]]:
             table = [{**r, "run": name} for r in table]
             dir_runs = [name]
         for run in dir_runs:
+            check_run_name(run, f"{d / 'per_sample.csv'}")
             if run in origin:
                 raise UserError(f"{d}: run '{run}' is also in {origin[run]}; compare each run once, or name them "
                                 "apart with NAME=DIR")
@@ -108,21 +114,38 @@ def load_eval_dirs(dirs: list) -> tuple[list[dict], list[str], dict[str, dict]]:
     return rows, metrics, summaries
 
 
+def _infer_config(summary: dict | None) -> dict:
+    """The `config` of the run.json that `editkit infer` wrote beside a run's predictions ({} without one)."""
+    pred_dir = (summary or {}).get("pred_dir")
+    if not pred_dir or not (Path(pred_dir) / "run.json").is_file():
+        return {}
+    try:
+        config = json.loads((Path(pred_dir) / "run.json").read_text()).get("config", {})
+    except (ValueError, AttributeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def cfg_of(run: str, summary: dict | None) -> float | None:
     """The CFG scale of a run: from its name (cfg-4.0, cfg4) or the run.json beside its predictions."""
     match = _CFG.search(run)
     if match:
         return float(match.group(1))
-    pred_dir = (summary or {}).get("pred_dir")
-    if pred_dir and (Path(pred_dir) / "run.json").is_file():
-        try:
-            config = json.loads((Path(pred_dir) / "run.json").read_text()).get("config", {})
-        except ValueError:
-            return None
-        for key in ("true_cfg_scale", "cfg", "cfg_scale", "guidance_scale"):
-            if isinstance(config.get(key), (int, float)):
-                return float(config[key])
+    config = _infer_config(summary)
+    for key in ("true_cfg_scale", "cfg", "cfg_scale", "guidance_scale"):
+        if isinstance(config.get(key), (int, float)):
+            return float(config[key])
     return None
+
+
+def model_of(summary: dict | None) -> str | None:
+    """What made a run's predictions apart from its CFG (model, family, LoRAs, adapter; from its run.json),
+    or None without one: runs of one model at several CFG values are a sweep; the CFG values of
+    different models (Qwen's true CFG 4, Flux Fill's embedded guidance 30) are not one axis."""
+    config = _infer_config(summary)
+    if not config:
+        return None
+    return json.dumps({k: config.get(k) for k in _MODEL_KEYS}, sort_keys=True, default=str)
 
 
 def category_of(row: dict) -> str:
@@ -148,8 +171,8 @@ def compare_runs(dirs: list, out_dir: Path, baseline: str | None = None, n_boot:
     categories = sorted({category_of(r) for r in rows} - {""})
     table, result_runs = [], {}
     for run in runs:
-        run_result = {"cfg": cfg_of(run, summaries.get(run)), "n_missing": summaries.get(run, {}).get("n_missing"),
-                      "metrics": {}, "run_level": {}}
+        run_result = {"cfg": cfg_of(run, summaries.get(run)), "model": model_of(summaries.get(run)),
+                      "n_missing": summaries.get(run, {}).get("n_missing"), "metrics": {}, "run_level": {}}
         for metric in metrics:
             per_category = {}
             for category in [ALL, *categories]:
@@ -180,15 +203,70 @@ def compare_runs(dirs: list, out_dir: Path, baseline: str | None = None, n_boot:
                          for k in columns})
     write_text(out_dir / "compare.csv", buf.getvalue())
     write_json(out_dir / "compare.json", result)
+    with atomic_dir(out_dir / "runs") as folder:  # replaced whole: no summary of a run compared before
+        for run in runs:
+            write_json(folder / run / SUMMARY_FILE, run_summary(run, result, summaries.get(run, {})))
+    write_full_report(out_dir / FULL_REPORT_FILE, rows, metrics)
     plots = make_plots(out_dir / "plots", result)
     write_compare_report(out_dir / "report.html", title, result, rows, by_run, plots, gallery_size,
                          higher_is_better, extra_sections, extra_images)
     return result
 
 
+def _finite(value):
+    """NaN (no finite sample) as None, so that the per-run summaries are strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def run_summary(run: str, result: dict, eval_summary: dict) -> dict:
+    """One run's statistics (the content of <out>/runs/<run>/summary.json): each metric's mean, 95% CI
+    and paired difference to the baseline over all samples (`metrics`) and per category (`categories`),
+    FID/KID (`run_level`), and what `editkit eval` counted (records, evaluated, missing)."""
+    r = result["results"][run]
+    return {
+        "run": run, "baseline": result["baseline"], "is_baseline": run == result["baseline"], "cfg": r["cfg"],
+        **{k: eval_summary.get(k) for k in ("pred_dir", "n_records", "n_evaluated", "n_missing", "missing")},
+        "confidence": result["confidence"], "n_boot": result["n_boot"], "seed": result["seed"],
+        "metrics": {m: _finite(by_category[ALL]) for m, by_category in r["metrics"].items()},
+        "categories": {c: {m: _finite(r["metrics"][m][c]) for m in result["metrics"]} for c in result["categories"]},
+        "run_level": _finite(r["run_level"]),
+    }
+
+
+def write_full_report(path: Path, rows: list[dict], metrics: list[str]) -> Path:
+    """Every compared run's per-sample rows (run names as compared) in one CSV: the eval columns, then
+    every metric (empty where a run's eval folder has no such column or the value is not finite)."""
+    columns = [*INFO_COLUMNS, *metrics]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        values = {m: row.get(m, math.nan) for m in metrics}
+        writer.writerow({**{c: row.get(c, "") for c in INFO_COLUMNS},
+                         **{m: f"{v:.6g}" if math.isfinite(v) else "" for m, v in values.items()}})
+    write_text(path, buf.getvalue())
+    return path
+
+
 def _key_metrics(metrics: list[str]) -> list[str]:
     chosen = [m for m in KEY_METRICS if m in metrics]
     return chosen or metrics[:6]
+
+
+def cfg_sweep(result: dict) -> list[str]:
+    """The runs of the metric-vs-CFG plots: the runs of one model (`model_of`) at two or more CFG values
+    (of several such models, the one with the most values; runs without a run.json count as one model),
+    else none."""
+    groups: dict[str | None, list[str]] = {}
+    for run in result["runs"]:
+        if result["results"][run]["cfg"] is not None:
+            groups.setdefault(result["results"][run].get("model"), []).append(run)
+    best = max(groups.values(), key=lambda runs: len({result["results"][r]["cfg"] for r in runs}), default=[])
+    return best if len({result["results"][r]["cfg"] for r in best}) >= 2 else []
 
 
 def make_plots(plot_dir: Path, result: dict) -> list[Path]:
@@ -197,8 +275,8 @@ def make_plots(plot_dir: Path, result: dict) -> list[Path]:
     plot_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     key = _key_metrics(result["metrics"])[:4]
-    with_cfg = [r for r in result["runs"] if result["results"][r]["cfg"] is not None]
-    if len({result["results"][r]["cfg"] for r in with_cfg}) >= 2:  # a sweep, not runs at one CFG
+    with_cfg = cfg_sweep(result)
+    if with_cfg:
         for metric in key:
             points = []
             for run in with_cfg:
@@ -268,10 +346,19 @@ def write_compare_report(path: Path, title: str, result: dict, rows: list[dict],
             scores={run: f"{primary} {by_run[run][i][primary]:.4g}" for run in result["runs"]
                     if i in by_run[run] and not math.isnan(by_run[run][i].get(primary, math.nan))},
         ))
+    arrow = {True: " ↑", False: " ↓"}
+    all_metrics = [{"metric": m + arrow[bool(higher_is_better(m))],
+                    **{run: _ci_text(result["results"][run]["metrics"][m][ALL]) for run in result["runs"]},
+                    **{f"Δ{run}": _ci_text(result["results"][run]["metrics"][m][ALL], "diff_")
+                       for run in result["runs"] if run != result["baseline"]}}
+                   for m in result["metrics"]]
+    all_columns = ["metric", *result["runs"], *[f"Δ{run}" for run in result["runs"] if run != result["baseline"]]]
     notes = [f"Baseline: {result['baseline']}. Means with 95% percentile-bootstrap intervals "
              f"({result['n_boot']} resamples, seed {result['seed']}); Δ = paired difference to the baseline on "
              f"the samples both runs have. Worst cases first by {primary}."]
     return build_report(path, title, notes=notes, summary_rows=summary_rows, summary_columns=summary_columns,
+                        tables=[("All metrics (mean [95% CI], Δ vs baseline; ↑ higher / ↓ lower is better)",
+                                 all_metrics, all_columns)],
                         table_rows=table_rows, table_columns=table_columns, gallery=gallery,
                         runs=result["runs"], plots=plots, extra_sections=extra_sections,
                         extra_images=extra_images)

@@ -61,7 +61,8 @@ def _cell(value) -> str:
 
 def table_html(rows: Sequence[dict], columns: Sequence[str], table_id: str, sortable: bool = True) -> str:
     """An HTML table; numeric cells carry data-v so the inline JS sorts them as numbers."""
-    head = "".join(f'<th data-col="{i}" title="click to sort">{html.escape(c)}</th>' for i, c in enumerate(columns))
+    tip = ' title="click to sort"' if sortable else ""
+    head = "".join(f'<th data-col="{i}"{tip}>{html.escape(c)}</th>' for i, c in enumerate(columns))
     body = []
     for row in rows:
         cells = []
@@ -136,6 +137,7 @@ document.querySelectorAll('table.sortable').forEach(function (table) {
 
 def build_report(path: str | Path, title: str = "editkit report", *, notes: Sequence[str] = (),
                  summary_rows: Sequence[dict] = (), summary_columns: Sequence[str] = (),
+                 tables: Sequence[tuple[str, Sequence[dict], Sequence[str]]] = (),
                  table_rows: Sequence[dict] = (), table_columns: Sequence[str] = (),
                  gallery: Sequence[GalleryItem] = (), runs: Sequence[str] = (),
                  plots: Sequence[str | Path] = (),
@@ -145,6 +147,7 @@ def build_report(path: str | Path, title: str = "editkit report", *, notes: Sequ
 
     extra_sections: (heading, HTML body) pairs placed first — the caller's trusted HTML.
     extra_images: (caption, image path or PIL image) pairs, inlined as PNG.
+    tables: (heading, rows, columns) tables placed after the summary (not sortable).
     table_rows: per-sample rows, shown sortable in the given order (put the worst first).
     """
     parts = [f"<h1>{html.escape(title)}</h1>"]
@@ -157,6 +160,9 @@ def build_report(path: str | Path, title: str = "editkit report", *, notes: Sequ
         parts.append(f'<section class="plots">{figures}</section>')
     if summary_rows:
         parts.append("<h2>Summary</h2>" + scroll_box(table_html(summary_rows, summary_columns, "summary")))
+    for i, (heading, rows, columns) in enumerate(tables):
+        parts.append(f"<h2>{html.escape(heading)}</h2>"
+                     + scroll_box(table_html(rows, columns, f"table-{i}", sortable=False)))
     if plots:
         figures = "".join(f'<img src="{image_data_uri(p, 0, "PNG")}" alt="{html.escape(Path(p).stem)}">'
                           for p in plots)
