@@ -127,16 +127,10 @@ class RgbaVaeTask:
         self.info = {"items": len(self.data), "vae_params": sum(p.numel() for p in self.vae.parameters())}
 
     def _perceptual(self):
-        """The LPIPS network of `editkit eval`'s lpips metric (frozen), for the perceptual loss."""
-        from editkit.eval.metrics.base import Unavailable
-        from editkit.eval.metrics.perceptual import LpipsMetric
+        """The LPIPS network of `editkit eval`'s lpips metric (frozen; differentiable in its inputs)."""
+        from editkit.eval.metrics.lpips_net import load_lpips
 
-        metric = LpipsMetric()
-        try:
-            metric.load(Path(self.stage.lpips_weights), self.device)
-        except Unavailable as why:
-            raise UserError(f"rgba_vae.lpips_weight: {why}") from None
-        return metric.model.net
+        return load_lpips(Path(self.stage.lpips_weights), self.device, "rgba_vae.lpips_weights")
 
     def set_module(self, module) -> None:
         self.module = module
@@ -168,7 +162,7 @@ class RgbaVaeTask:
         p, t = unit_range(rec.float().clamp(-1, 1)), unit_range(target.float())
         pairs = [(over_background(p, BACKGROUNDS[c], 1), over_background(t, BACKGROUNDS[c], 1))
                  for c in ("black", "white")]
-        return sum(self.perceptual(a, b, normalize=True).mean() for a, b in pairs) / len(pairs)
+        return sum(self.perceptual(2 * a - 1, 2 * b - 1).mean() for a, b in pairs) / len(pairs)  # LPIPS takes [-1, 1]
 
     # ----- validation and previews ----------------------------------------------------------------
 

@@ -1,18 +1,17 @@
-"""DreamSim and LPIPS: perceptual distances that depend on optional packages.
+"""DreamSim and LPIPS: perceptual distances (lower = more similar) from weights on the user's disk.
 
-- dreamsim: the `dreamsim` package (optional; not a dependency of editkit). `--weights dreamsim=DIR`
-  is its cache_dir holding the downloaded checkpoints. Distance between prediction and ground
-  truth (lower = more similar), images resized to 224x224 bicubic in [0, 1] as its preprocess does.
-- lpips: both implementations (torchmetrics' LPIPS and the `lpips` package) build their AlexNet/VGG
-  backbone from torchvision, which editkit's environment cannot have (the PyPI wheel is CUDA-built
-  and breaks CPU torch). Where torchvision is importable, `--weights lpips=DIR` names a torch hub
-  folder holding the backbone checkpoint and torchmetrics' LPIPS (AlexNet) runs; otherwise the
-  metric is reported unavailable with that reason.
+Both run on torch alone, on the CPU install too (no torchvision, no `lpips` / `dreamsim` package):
+- lpips (editkit.eval.metrics.lpips_net): LPIPS v0.1; `--weights lpips=DIR` holds torchvision's
+  AlexNet (or VGG16) checkpoint and the `lpips` package's linear heads. Whole images, at the ground
+  truth's size, pixels in [0, 1] mapped to [-1, 1].
+- dreamsim (editkit.eval.metrics.dreamsim_net): `--weights dreamsim=DIR` is the `dreamsim` package's
+  cache_dir (its default ensemble, or a single-branch variant); images resized to its 224x224
+  (bicubic) in [0, 1], as its preprocess does.
+docs/eval.md lists the files and their layouts.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
@@ -29,74 +28,61 @@ def _tensor(images: list[Image.Image], size: int | None = None) -> torch.Tensor:
 
 
 class _PairDistance(FeatureMetric):
+    """A distance between prediction and ground truth, batched over pairs of one image size."""
+
     column = ""
+    size: int | None = None  # images resized to size×size; None: kept as they are
 
     def distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def compute(self, samples: list[Sample]) -> list[dict]:
         out = [{self.column: math.nan} for _ in samples]
-        idx = [i for i, s in enumerate(samples) if s.target is not None]
-        if not idx:
-            return out
+        groups: dict = {}
+        for i, s in enumerate(samples):
+            if s.target is not None:
+                groups.setdefault(None if self.size else (s.pred.size, s.target.size), []).append(i)
         with torch.no_grad():
-            for i in idx:  # images of a batch may differ in size: one pair at a time
-                pred = self.prepare([samples[i].pred])
-                target = self.prepare([samples[i].target])
-                out[i][self.column] = float(self.distance(pred.to(self.device), target.to(self.device)).reshape(-1)[0])
+            for idx in groups.values():
+                pred = _tensor([samples[i].pred for i in idx], self.size).to(self.device)
+                target = _tensor([samples[i].target for i in idx], self.size).to(self.device)
+                for i, value in zip(idx, self.distance(pred, target).float().cpu().tolist()):
+                    out[i][self.column] = value
         return out
-
-    def prepare(self, images):
-        return _tensor(images)
 
 
 class DreamSimMetric(_PairDistance):
     name = "dreamsim"
     columns = ("dreamsim",)
     column = "dreamsim"
-    hint = "the dreamsim cache_dir with its checkpoints (pip install dreamsim)"
-
-    @classmethod
-    def unavailable_reason(cls, path):
-        if importlib.util.find_spec("dreamsim") is None:
-            return ("dreamsim: the `dreamsim` package is not installed (pip install dreamsim), "
-                    "then pass --weights dreamsim=CACHE_DIR")
-        return super().unavailable_reason(path)
+    hint = ("the dreamsim package's cache_dir: checkpoints/dino_vitbase16_pretrain.pth, clip_vitb16_pretrain.pth.tar, "
+            "open_clip_vitb16_pretrain.pth.tar, ensemble_lora/; docs/eval.md")
 
     def load(self, path, device):
+        from editkit.eval.metrics.dreamsim_net import load_dreamsim
+
         path = self.require_weights(path)
-        from dreamsim import dreamsim
-
         self.device = device
-        self.model, _ = dreamsim(pretrained=True, cache_dir=str(path), device=str(device))
-
-    def prepare(self, images):
-        return _tensor(images, 224)
+        self.network = load_dreamsim(path, device, "--weights dreamsim")
+        self.size = self.network.image_size
 
     def distance(self, pred, target):
-        return self.model(pred, target)
+        return self.network(pred, target)
 
 
 class LpipsMetric(_PairDistance):
     name = "lpips"
     columns = ("lpips",)
     column = "lpips"
-    hint = "a torch hub folder holding the AlexNet checkpoint (needs torchvision)"
-
-    @classmethod
-    def unavailable_reason(cls, path):
-        if importlib.util.find_spec("torchvision") is None:
-            return ("lpips: needs torchvision (torchmetrics' LPIPS and the lpips package build their "
-                    "backbone from it), which editkit's CPU-torch environment cannot install")
-        return super().unavailable_reason(path)
+    hint = ("a folder with torchvision's alexnet-owt-7be5be79.pth and the lpips package's v0.1 alex.pth, "
+            "or vgg16-397923af.pth and vgg.pth; docs/eval.md")
 
     def load(self, path, device):
-        path = self.require_weights(path)
-        torch.hub.set_dir(str(path))
-        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+        from editkit.eval.metrics.lpips_net import load_lpips
 
+        path = self.require_weights(path)
         self.device = device
-        self.model = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True).to(device)
+        self.network = load_lpips(path, device, "--weights lpips")
 
     def distance(self, pred, target):
-        return self.model(pred, target)
+        return self.network(2 * pred - 1, 2 * target - 1)
