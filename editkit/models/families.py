@@ -20,6 +20,7 @@ FAMILY_MODULES = {
     "flux-fill": "editkit.models.flux_fill",
     "ace-plus": "editkit.models.ace_plus",
     "qwen-image-layered": "editkit.models.qwen_image_layered",
+    "qwen-image-2.1": "editkit.models.qwen_image_21",
 }
 """Family name -> the module that defines it."""
 
