@@ -183,6 +183,12 @@ class AppController:
     def model_name(self) -> str:
         return self.engine.model_name or "model"
 
+    @property
+    def decomposer(self):
+        """The served model when it decomposes images into layers (the page's Decompose tab), else None."""
+        model = self.engine.model
+        return model if callable(getattr(model, "decompose", None)) else None
+
     def start(self, paths: list[str] | None) -> View:
         """A new session on the uploaded sources (none: back to the empty page)."""
         if not paths:

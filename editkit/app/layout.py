@@ -53,10 +53,11 @@ def build_blocks(controller: AppController) -> gr.Blocks:
     limits = controller.limits
     with gr.Blocks(title="editkit", analytics_enabled=False) as blocks:
         session = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=controller.close)
+        decomposes = controller.decomposer is not None  # a layer decomposer gets the Decompose tab instead
         gr.Markdown(f"## editkit — instruction-based image editing\nModel: `{controller.model_name}`. "
                     "Upload a photo, paint the region to change (optional), describe the edit, press **Edit**. "
-                    "Each result becomes the next turn's source.")
-        with gr.Row():
+                    "Each result becomes the next turn's source.", visible=not decomposes)
+        with gr.Row(visible=not decomposes):
             with gr.Column(scale=1):
                 sources = gr.File(
                     label=f"Source images (up to {limits.max_sources}; the first is edited)",
@@ -174,4 +175,8 @@ def build_blocks(controller: AppController) -> gr.Blocks:
                 on_sources, sources, view_outputs, concurrency_limit=None)
         undo.click(on_undo, session, view_outputs, concurrency_limit=None)
         dice.click(lambda: random.randint(0, MAX_SEED), None, seed, concurrency_limit=None)
+        if decomposes:
+            from editkit.app.decompose_tab import build_decompose_tab
+
+            build_decompose_tab(controller)
     return blocks

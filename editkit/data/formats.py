@@ -10,11 +10,15 @@ Two schemas name the same record fields differently:
 | mask (white = edit area) | back_mask    | mask                     |
 | ref_gt                   | ref_gt       | ref_gt                   |
 
-Both also know `id`, `task`, `instruction_cn`, `inverse_instruction`, `inverse_instruction_cn`.
-Any other field goes to the record's metadata (a nested `metadata` object is merged in), and
-writers put metadata back as top-level fields, so a conversion loses nothing. The container
-comes from the file extension: `.json` (a list of objects), `.jsonl`, `.csv` (lists and
-non-text values as JSON in the cell).
+Both also know `id`, `task`, `instruction_cn`, `inverse_instruction`, `inverse_instruction_cn`,
+and both read the mask from either name (`FIELD_ALIASES`: a pairs manifest's `back_mask`, a
+DiffSynth one's `mask`); writers use the schema's own name. Any other field goes to the record's
+metadata (a nested `metadata` object is merged in), and writers put metadata back as top-level
+fields, so a conversion loses nothing. An unknown field that looks like a misspelt known one
+(`instrution`, `edit_images`, `target` in a pairs file) while the known one is absent gets one
+warning line per field and file on stderr (`near_miss_warnings`); it is still kept as metadata.
+The container comes from the file extension: `.json` (a list of objects), `.jsonl`, `.csv`
+(lists and non-text values as JSON in the cell).
 
 `fields` overrides map a field name (either schema's name or the record's) to the column the
 file really uses, e.g. `{"prompt": "caption"}`.
@@ -23,10 +27,12 @@ file really uses, e.g. `{"prompt": "caption"}`.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,10 +51,13 @@ SCHEMAS: dict[str, dict[str, str]] = {
 _COMMON = ("id", "ref_gt", "task", "instruction_cn", "inverse_instruction", "inverse_instruction_cn")
 for _schema in SCHEMAS.values():
     _schema.update({name: name for name in _COMMON})
+FIELD_ALIASES: dict[str, tuple[str, ...]] = {"mask": ("mask", "back_mask")}
+"""Every field name a record attribute is read from in any schema (beside the schema's own name)."""
 
 # metadata keys that would read back as a record field (in either schema), and blank keys (no CSV
 # column can have them), are written nested under "metadata"
-_RESERVED = {name for schema in SCHEMAS.values() for name in schema.values()} | {"metadata"}
+_RESERVED = ({name for schema in SCHEMAS.values() for name in schema.values()}
+             | {name for names in FIELD_ALIASES.values() for name in names} | {"metadata"})
 _SOURCE_COLUMNS = {schema["sources"] for schema in SCHEMAS.values()}
 TEXT_FIELDS = ("id", "instruction", "task", "instruction_cn", "inverse_instruction", "inverse_instruction_cn")
 PATH_FIELDS = ("target", "mask", "ref_gt")
@@ -226,6 +235,7 @@ def row_to_record(row: Row, schema_name: str, base_dir: Path, fields: dict[str, 
         column = column_name(schema, attr, fields)
         if column in data:
             values[attr] = data.pop(column)
+    _read_aliases(row, schema, data, values, fields)
     if row.csv:  # an empty cell is an absent value (an empty instruction stays "", for validate to flag)
         values = {k: v for k, v in values.items() if v != "" or k == "instruction"}
         values["sources"] = _csv_list(values.get("sources"), row, column_name(schema, "sources", fields))
@@ -256,6 +266,95 @@ def row_to_record(row: Row, schema_name: str, base_dir: Path, fields: dict[str, 
         if attr != "instruction" and kwargs[attr] == "":
             kwargs[attr] = None
     return EditRecord(**kwargs, origin=row.where)
+
+
+def _blank(value: Any) -> bool:
+    return value is None or value == ""
+
+
+def _alias_columns(schema: dict[str, str], attr: str, fields: dict[str, str] | None) -> tuple[str, ...]:
+    """The other names `attr` is read from (none when a field override names its one column)."""
+    if fields and (attr in fields or schema[attr] in fields):
+        return ()
+    return tuple(name for name in FIELD_ALIASES.get(attr, ()) if name != schema[attr])
+
+
+def _read_aliases(row: Row, schema: dict[str, str], data: dict, values: dict, fields: dict[str, str] | None) -> None:
+    """Move alias columns (`back_mask` in a pairs row) from `data` into `values`; two different
+    non-empty values for one attribute are a RowError."""
+    for attr in FIELD_ALIASES:
+        for column in _alias_columns(schema, attr, fields):
+            if column not in data:
+                continue
+            value = data.pop(column)
+            if _blank(values.get(attr)):
+                values[attr] = value
+            elif not _blank(value) and value != values[attr]:
+                own = column_name(schema, attr, fields)
+                raise RowError(row.where, column, "conflicting-fields",
+                               f"and field {own!r} name different files ({value!r} and {values[attr]!r}) for the "
+                               f"record's {attr}; keep one of them")
+
+
+def _looks_like_path(value: Any) -> bool:
+    """A file name with an extension, or a non-empty list of them (a misspelt image field's value)."""
+    items = value if isinstance(value, list) and value else [value]
+    return all(isinstance(v, str) and bool(Path(v).suffix) for v in items)
+
+
+def _probable_field(key: str, schema: dict[str, str], fields: dict[str, str] | None) -> tuple[str, str] | None:
+    """(record attribute, the schema's column) an unknown field name is a near miss of: one spelled
+    almost the same (difflib ratio >= 0.8), or a record attribute's name in a schema that names it
+    otherwise (`target` in a pairs file means `target_image`). None when it is far from every name."""
+    spellings: dict[str, str] = {}
+    for attr in schema:
+        spellings.setdefault(column_name(schema, attr, fields), attr)
+        spellings.setdefault(attr, attr)
+    match = difflib.get_close_matches(key.lower(), list(spellings), n=1, cutoff=0.8)
+    if not match:
+        return None
+    attr = spellings[match[0]]
+    return attr, column_name(schema, attr, fields)
+
+
+def near_miss_warnings(rows: list[Row], schema_name: str, fields: dict[str, str] | None) -> dict[str, str]:
+    """Unknown field -> one line for each field that is probably a misspelt known one, naming where it is first seen
+    and the field it probably means: only in rows where that field is absent (and, for an image
+    field, where the value looks like a file path), so metadata that merely resembles a name is quiet."""
+    schema = SCHEMAS[schema_name]
+    known = ({column_name(schema, attr, fields) for attr in schema} | {"metadata"}
+             | {name for attr in FIELD_ALIASES for name in _alias_columns(schema, attr, fields)})
+    guesses: dict[str, tuple[str, str] | None] = {}
+    lines: dict[str, str] = {}
+    for row in rows:
+        if not isinstance(row.data, dict):
+            continue
+        for key, value in row.data.items():
+            if key in known or key in lines or not isinstance(key, str) or _blank(value):
+                continue
+            if key not in guesses:
+                guesses[key] = _probable_field(key, schema, fields)
+            if guesses[key] is None:
+                continue
+            attr, column = guesses[key]
+            present = {column, *_alias_columns(schema, attr, fields)} & set(row.data)
+            if present or (attr in PATH_FIELDS + ("sources",) and not _looks_like_path(value)):
+                continue
+            lines[key] = (f"{row.where}: field {key!r} is not a {schema_name} manifest field (kept as metadata); "
+                          f"did you mean {column!r}?")
+    return lines
+
+
+_WARNED: set[tuple[str, str]] = set()
+"""(manifest, field) already warned about by this process: a manifest read again warns no more."""
+
+
+def _warn_near_misses(path: Path, rows: list[Row], schema_name: str, fields: dict[str, str] | None) -> None:
+    for field, line in near_miss_warnings(rows, schema_name, fields).items():
+        key = (str(path.absolute()), field)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            print(f"editkit: warning: {line}", file=sys.stderr)
 
 
 def _csv_list(value: Any, row: Row, column: str) -> Any:
@@ -317,6 +416,7 @@ def parse_table(path: Path, schema: str | None = None, fields: dict[str, str] | 
     check_fields(fields)
     rows = list(read_rows(path))
     schema = schema or (detect_schema(rows, fields, path) if rows else "pairs")
+    _warn_near_misses(path, rows, schema, fields)
     good: list[tuple[str, EditRecord]] = []
     problems: list[RowError] = []
     first_seen: dict[str, str] = {}

@@ -1,9 +1,10 @@
 """The one record type for an editing sample, shared by every job (cache, train, infer, eval).
 
 Mask convention: white (255) marks the edit region — the pixels the edit may change; black is
-background to preserve. DiffSynth manifests call the field `back_mask`. A colour mask marks the
-edit region where its brightest channel is >= 128 (red on black works); a mask with transparency
-that is not fully opaque is read from its alpha (opaque = edit region). See
+background to preserve. DiffSynth manifests call the field `back_mask`, pairs manifests `mask`;
+either name is read as the mask in every schema (`editkit.data.formats.FIELD_ALIASES`). A colour
+mask marks the edit region where its brightest channel is >= 128 (red on black works); a mask with
+transparency that is not fully opaque is read from its alpha (opaque = edit region). See
 `editkit.data.images.binarize_mask`.
 
 `origin` says where a record was read ("train.jsonl:12", "meta.json[3]", "meta.csv:4",

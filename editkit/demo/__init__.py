@@ -16,8 +16,16 @@ def demo_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the weights and the sampling."),
     train_vae: bool = typer.Option(False, "--train-vae", help="Train the demo's VAE (about 2 minutes) instead of "
                                                               "using the packaged one."),
+    layers: bool = typer.Option(False, "--layers", help="The layer-decomposition loop instead: layered scenes, "
+                                                         "a tiny Qwen-Image-Layered decomposer, LayerD against the "
+                                                         "untrained model."),
 ) -> None:
     """Synthesise data, train a tiny 2511 editor from scratch (on the packaged tiny VAE), edit, evaluate, report."""
+    if layers:
+        from editkit.demo.layers import demo_layers
+
+        demo_layers(out, quick, seed, train_vae, typer.echo)
+        return
     from editkit.demo.pipeline import run_demo
     from editkit.demo.presets import FULL, QUICK
 

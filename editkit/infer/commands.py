@@ -25,6 +25,8 @@ from editkit.infer.speed import (
 ModelOpt = Annotated[str, typer.Option("--model", help="A diffusers-format model folder, or tiny / tiny:<family>.")]
 FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Model family, when the folder does not say.")]
 TransformerOpt = Annotated[Optional[Path], typer.Option("--transformer", help="Take the transformer from this folder.")]
+VaeOpt = Annotated[Optional[Path], typer.Option("--vae", help="Take the VAE from this folder (a vae/ folder, or a model folder holding one).")]
+TextEncoderOpt = Annotated[Optional[Path], typer.Option("--text-encoder", help="Take the text encoder from this folder (a text_encoder/ folder, or a model folder holding one).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:1, cpu (default: cuda if available).")]
 LoraOpt = Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file, PATH or PATH:SCALE (repeatable; any key layout).")]
@@ -41,6 +43,7 @@ FeatherOpt = Annotated[int, typer.Option("--feather", help="Pixel-mask seam widt
 WidthOpt = Annotated[Optional[int], typer.Option("--width", help="Output width, a multiple of the model's size multiple (16) up to 4096 (default: the family's area at the source's aspect).")]
 ParallelOpt = Annotated[str, typer.Option("--parallel", help="none, cfg (the conditional and negative passes on 2 processes) or ulysses (context parallel over all processes): one edit shared by the processes of a torchrun launch, for latency.")]
 HeightOpt = Annotated[Optional[int], typer.Option("--height", help="Output height (as --width).")]
+MaskOpt = Annotated[Optional[Path], typer.Option("--mask", help="Mask image, white = edit region (the first source's size).")]
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="Adapter bundle (adapter.safetensors of a training run with train.extra_modules): its LoRA and extra modules (e.g. the STE).")]
 WithoutOpt = Annotated[Optional[list[str]], typer.Option("--without", help="Leave this extra module of the --adapter bundle off, e.g. ste: the ablation from the same bundle (repeatable).")]
 RopeFramesOpt = Annotated[Optional[str], typer.Option("--rope-frames", help="own (each condition image at its own RoPE frame, as released) or shared (all at the target's frame); default: the --adapter bundle's, else own.")]
@@ -77,11 +80,41 @@ def _adapter_choice(adapter, without, rope_frames, parallel: str = "none"):
     return choice
 
 
+def _components(vae, text_encoder) -> dict[str, str]:
+    """The --vae / --text-encoder folders given, as `load_model` keywords (also recorded in the outputs' settings)."""
+    from editkit.models.loading import component_paths
+
+    return component_paths(vae=vae, text_encoder=text_encoder)
+
+
+def _mask_image(mask, images):
+    """The --mask image (None without one), checked against the first source image's size."""
+    from editkit.data.images import load_mask
+    from editkit.infer.engine import check_mask_size
+
+    if mask is None:
+        return None
+    image = load_mask(mask)
+    if images:
+        check_mask_size(image.size, images[0].size, f"--mask {mask}")
+    return image
+
+
+def _check_mask_use(engine, mask, fusion: str) -> None:
+    """A --mask does something only with mask fusion or for a family that fills a mask (Flux Fill)."""
+    from editkit.errors import UserError
+
+    if mask is not None and fusion == "off" and not engine.takes_mask():
+        raise UserError(f"--mask {mask}: family {engine.model.family.name} uses a mask only for mask fusion; add "
+                        "--fusion pixel-mask (or latent-mask, latent+pixel-mask), or leave --mask out")
+
+
 def _engine(model: str, family, transformer, dtype: str, device, specs, fuse_lora: bool, speed, preset=None,
-            parallel: str = "none", single_edit: bool = False, adapter=None):
+            parallel: str = "none", single_edit: bool = False, adapter=None, components=None):
     """Load the model into an Engine with the preset's scheduler, the RoPE frame mode, the adapter
     bundle and the LoRAs, then apply the speed switches; device, LoRA, adapter and speed options are
-    checked before the slow load. Returns the engine and the speed options resolved for its device."""
+    checked before the slow load. `components` (`_components`) take the VAE / text encoder from other
+    folders. Returns the engine and the speed options resolved for its device."""
     from editkit.infer.engine import Engine
     from editkit.models import load_model, rope_frames
     from editkit.models.loading import resolve_dtype
@@ -90,7 +123,8 @@ def _engine(model: str, family, transformer, dtype: str, device, specs, fuse_lor
     device = dist.resolve_device(device)
     speed = speed.resolved(device, single_edit)
     dtype = resolve_dtype(dtype, device)
-    loaded = load_model(model, family=family, transformer=transformer, dtype=dtype, device=device)
+    components = components or {}
+    loaded = load_model(model, family=family, transformer=transformer, dtype=dtype, device=device, **components)
     if parallel != "none":
         from editkit.infer.parallel import apply_parallel
 
@@ -99,7 +133,7 @@ def _engine(model: str, family, transformer, dtype: str, device, specs, fuse_lor
         loaded = rope_frames.view(loaded, adapter.rope_frames)
     engine = Engine(loaded.with_scheduler(preset.scheduler) if preset else loaded,
                     model_name=str(model), transformer_name=str(transformer) if transformer else None,
-                    run_settings=run_settings(speed, preset))
+                    run_settings={**run_settings(speed, preset), **components})
     if adapter is not None and adapter.path:
         engine.load_adapter(adapter.path, adapter.without)
     if specs or (fuse_lora and engine.adapter):
@@ -140,7 +174,7 @@ def edit_command(
     seed: SeedOpt = 0,
     width: WidthOpt = None,
     height: HeightOpt = None,
-    mask: Annotated[Optional[Path], typer.Option("--mask", help="Mask image, white = edit region.")] = None,
+    mask: MaskOpt = None,
     fusion: FusionOpt = "off",
     feather: FeatherOpt = 8,
     sampler: SamplerOpt = "flow",
@@ -151,6 +185,8 @@ def edit_command(
     rope_frames: RopeFramesOpt = None,
     family: FamilyOpt = None,
     transformer: TransformerOpt = None,
+    vae: VaeOpt = None,
+    text_encoder: TextEncoderOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
     speed: SpeedOpt = "auto",
@@ -161,18 +197,16 @@ def edit_command(
     parallel: ParallelOpt = "none",
 ) -> None:
     """Edit one image (or several source images) with an instruction."""
-    from editkit.data.images import load_image, load_mask
+    from editkit.data.images import load_image
     from editkit.errors import UserError
-    from editkit.infer.engine import EditRequest, check_mask_size
+    from editkit.infer.engine import EditRequest
     from editkit.infer.outputs import check_output_file, save_image
 
     check_output_file(out)
     speed_options = SpeedOptions(speed, attention, fp8, offload, cache_threshold)
     specs, chosen = _loras_and_preset(lora, preset, sampler)
     images = [load_image(p) for p in image]
-    mask_image = load_mask(mask) if mask else None
-    if mask_image is not None and images:
-        check_mask_size(mask_image.size, images[0].size, f"--mask {mask}")
+    mask_image = _mask_image(mask, images)
     request = EditRequest(prompt=prompt, images=images, negative_prompt=negative,
                           true_cfg_scale=_or_preset(cfg, chosen, "true_cfg_scale", None),
                           steps=_or_preset(steps, chosen, "steps", None), seed=seed, width=width, height=height,
@@ -181,10 +215,9 @@ def edit_command(
         raise UserError(f"--parallel {parallel!r}: use none, cfg or ulysses")
     choice = _adapter_choice(adapter, without, rope_frames, parallel)
     engine, speed_options = _engine(model, family, transformer, dtype, device, specs, fuse_lora, speed_options,
-                                    chosen, parallel, single_edit=True, adapter=choice)
-    if mask is not None and fusion == "off" and not engine.takes_mask():
-        raise UserError(f"--mask {mask}: family {engine.model.family.name} uses a mask only for mask fusion; add "
-                        "--fusion pixel-mask (or latent-mask, latent+pixel-mask), or leave --mask out")
+                                    chosen, parallel, single_edit=True, adapter=choice,
+                                    components=_components(vae, text_encoder))
+    _check_mask_use(engine, mask, fusion)
     request = engine.resolve(request)
     result = engine.edit([request], progress=_step_bar())[0]
     from editkit.utils import dist
@@ -201,8 +234,15 @@ def chat_command(
     negative: NegativeOpt = NEGATIVE_PROMPT,
     cfg: CfgOpt = None,
     steps: StepsOpt = None,
+    image_cfg: ImageCfgOpt = None,
     preset: PresetOpt = "auto",
     seed: SeedOpt = 0,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    mask: MaskOpt = None,
+    fusion: FusionOpt = "off",
+    feather: FeatherOpt = 8,
+    sampler: SamplerOpt = "flow",
     lora: LoraOpt = None,
     fuse_lora: FuseOpt = False,
     adapter: AdapterOpt = None,
@@ -210,6 +250,8 @@ def chat_command(
     rope_frames: RopeFramesOpt = None,
     family: FamilyOpt = None,
     transformer: TransformerOpt = None,
+    vae: VaeOpt = None,
+    text_encoder: TextEncoderOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
     speed: SpeedOpt = "auto",
@@ -221,26 +263,32 @@ def chat_command(
     """Multi-turn editing: each line is an instruction that edits the last result.
 
     Commands: /undo (drop the last turn), /save DIR (write the session there too), /quit.
-    The session (sources, one PNG per turn, history.json) is saved after every turn.
+    The session (sources, one PNG per turn, history.json) is saved after every turn. The sampling
+    options mean what they mean for `editkit edit`; --mask (drawn on the first source) applies to
+    every turn, resized to the image the turn edits.
     """
     from editkit.data.images import load_image
     from editkit.infer.chat import USAGE, run_chat
-    from editkit.infer.engine import check_cfg, check_sampling
+    from editkit.infer.engine import EditRequest
     from editkit.infer.session import EditSession
 
     speed_options = SpeedOptions(speed, attention, fp8, offload, cache_threshold)
-    specs, chosen = _loras_and_preset(lora, preset)
-    cfg = check_cfg(_or_preset(cfg, chosen, "true_cfg_scale", None))
-    steps = _or_preset(steps, chosen, "steps", None)
-    check_sampling(steps, seed, "flow", 0)
+    specs, chosen = _loras_and_preset(lora, preset, sampler)
     images = [load_image(p) for p in image]
+    mask_image = _mask_image(mask, images)
+    settings = dict(negative_prompt=negative, true_cfg_scale=_or_preset(cfg, chosen, "true_cfg_scale", None),
+                    steps=_or_preset(steps, chosen, "steps", None), seed=seed, width=width, height=height,
+                    fusion=fusion, feather=feather, sampler=sampler, image_cfg=image_cfg)
+    EditRequest(prompt="(each turn's)", images=images, mask=mask_image, **settings).check()  # before the load
     save = save or Path(f"chat-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     choice = _adapter_choice(adapter, without, rope_frames)
     engine, _ = _engine(model, family, transformer, dtype, device, specs, fuse_lora, speed_options, chosen,
-                        adapter=choice)
-    session = EditSession(engine, images, negative_prompt=negative, true_cfg_scale=cfg, steps=steps, seed=seed)
+                        adapter=choice, components=_components(vae, text_encoder))
+    engine.check_size(width, height)
+    _check_mask_use(engine, mask, fusion)
+    session = EditSession(engine, images, **settings)
     typer.echo(USAGE, err=True)
-    run_chat(session, _stdin_lines(session), save, typer.echo, new_progress=_step_bar)
+    run_chat(session, _stdin_lines(session), save, typer.echo, new_progress=_step_bar, mask=mask_image)
 
 
 def _stdin_lines(session):
@@ -264,7 +312,8 @@ def infer_command(
     steps: StepsOpt = None,
     image_cfg: ImageCfgOpt = None,
     preset: PresetOpt = "auto",
-    seed: SeedOpt = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Base noise seed: each record samples with a seed hashed from it and the record's id.")] = 0,
+    same_seed: Annotated[bool, typer.Option("--same-seed", help="Sample every record with --seed itself (the rule before per-record seeds).")] = False,
     negative: NegativeOpt = NEGATIVE_PROMPT,
     lora: LoraOpt = None,
     fuse_lora: FuseOpt = False,
@@ -283,6 +332,8 @@ def infer_command(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out records whose images or masks cannot be used, report them at the end (and in run.json), and go on.")] = False,
     family: FamilyOpt = None,
     transformer: TransformerOpt = None,
+    vae: VaeOpt = None,
+    text_encoder: TextEncoderOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
     speed: SpeedOpt = "auto",
@@ -303,13 +354,14 @@ def infer_command(
     specs, chosen = _loras_and_preset(lora, preset, sampler)
     cfgs = parse_cfgs(cfg) if cfg is not None else _or_preset(None, chosen, "true_cfg_scale", None)
     config = DatasetRunConfig(cfgs=[cfgs] if isinstance(cfgs, float) else cfgs,
-                              steps=_or_preset(steps, chosen, "steps", None), seed=seed, image_cfg=image_cfg,
+                              steps=_or_preset(steps, chosen, "steps", None), seed=seed, same_seed=same_seed,
+                              image_cfg=image_cfg, components=_components(vae, text_encoder),
                               negative_prompt=negative, fusion=fusion, feather=feather, sampler=sampler, width=width,
                               height=height, batch_size=batch_size, preset=chosen.name if chosen else None).check()
     choice = _adapter_choice(adapter, without, rope_frames)
     records = read_manifest(data, format=format, fields=parse_field_overrides(field))
     engine, speed_options = _engine(model, family, transformer, dtype, device, specs, fuse_lora, speed_options,
-                                    chosen, adapter=choice)
+                                    chosen, adapter=choice, components=config.components)
     config = dataclasses.replace(config, speed=speed_options.settings())
     result = run_dataset(engine, records, out, config, overwrite=overwrite, skip_bad=skip_bad)
     typer.echo(f"rank {dist.rank()}: wrote {len(result.written)} image(s), skipped {result.skipped} finished, "

@@ -6,6 +6,14 @@ Each process (torchrun / `accelerate launch`) takes every world-size-th record; 
 exists is skipped, and outputs are written atomically, so a killed run restarted with the same
 arguments finishes the same images it would have made uninterrupted.
 
+Each record draws its noise from its own seed, `record_seed(seed, record.id)`: the blake2b hash
+of "<seed>:<record id>" (8 bytes, big-endian, top bit cleared: 0..2**63-1). A record's image
+therefore depends on the base seed and its id only, not on its place in the manifest, the shard
+that runs it or the batch it lands in, so a resumed or resharded run makes the same images. The
+PNG records the record's seed (`seed`, what `editkit edit --seed` takes to redo it) and the base
+seed; the run manifest the rule. `same_seed=True` gives every record the base seed itself (the
+behaviour before per-record seeds; folders made that way keep their fingerprint).
+
 Resuming is safe only when the images on disk came from the same settings, so each CFG folder
 keeps a fingerprint (`editkit.utils.fingerprint.claim_folder`) of everything that decides its
 images: the sampling settings, the model, LoRA files and scales, and the records with their files.
@@ -21,6 +29,7 @@ on (`editkit.data.bad_records`: the same semantics serve other record jobs).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -30,17 +39,25 @@ from pathlib import Path, PurePosixPath
 from editkit.data.bad_records import BadRecord, load_record, record_name
 from editkit.errors import UserError
 from editkit.infer import defaults
-from editkit.infer.engine import EditRequest, Engine, check_cfg, check_mask_size, check_sampling, check_side
+from editkit.infer.engine import MAX_SEED, EditRequest, Engine, check_cfg, check_mask_size, check_sampling, check_side
 from editkit.infer.fusion import check_mode
 from editkit.infer.outputs import save_png
 from editkit.utils import dist
 from editkit.utils.atomic import remove_stale_temp
-from editkit.utils.fingerprint import claim_folder, records_stamp
+from editkit.utils.fingerprint import claim_folder, folder_stamp, records_stamp
 from editkit.utils.progress import make_progress
 from editkit.utils.runinfo import write_run_manifest
 
 log = logging.getLogger(__name__)
 RUN_MANIFEST = "run.json"
+SEED_RULE = "per-record: blake2b('<seed>:<record id>', 8 bytes) & (2**63-1)"
+"""How each record's seed derives from the base seed (recorded in run manifests and fingerprints)."""
+
+
+def record_seed(seed: int, record_id: str) -> int:
+    """The noise seed of one record: a stable hash of the base seed and the record id, 0..2**63-1."""
+    digest = hashlib.blake2b(f"{seed}:{record_id}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & MAX_SEED
 
 
 @dataclass
@@ -50,6 +67,9 @@ class DatasetRunConfig:
     steps: int | None = None
     """None: the model family's default."""
     seed: int = 0
+    """The base seed: each record samples with `record_seed(seed, record.id)`."""
+    same_seed: bool = False
+    """Every record with `seed` itself (as before per-record seeds)."""
     negative_prompt: str | None = defaults.NEGATIVE_PROMPT
     fusion: str = "off"
     feather: int = 8
@@ -65,6 +85,8 @@ class DatasetRunConfig:
     """The speed switches (`editkit.infer.speed.SpeedOptions.settings`), for the run manifest."""
     image_cfg: float | None = None
     """Image guidance of families that have one (None: the family's default)."""
+    components: dict = field(default_factory=dict)
+    """Model components taken from other folders (`load_model`'s `vae=`, `text_encoder=`): name -> folder."""
 
     def with_family_defaults(self, sampling) -> DatasetRunConfig:
         """The settings left open filled in from a family's `SamplingDefaults`."""
@@ -92,15 +114,26 @@ class DatasetRunConfig:
 
     def fingerprint(self, cfg: float) -> dict:
         """The settings that decide the images of one CFG folder (batching changes only rounding, the
-        lossless speed switches only bf16 rounding). The preset and the lossy speed switches appear
-        only when set, so folders made before they existed keep their fingerprint."""
+        lossless speed switches only bf16 rounding). The preset, the lossy speed switches and the
+        components from other folders (by their files' stamps) appear only when set, so folders made
+        before they existed keep their fingerprint."""
         from editkit.infer.speed import SpeedOptions
 
         settings = {k: v for k, v in vars(self).items()
-                    if k not in ("cfgs", "batch_size", "window", "preset", "speed")
+                    if k not in ("cfgs", "batch_size", "window", "preset", "speed", "same_seed", "components")
                     and not (k == "image_cfg" and v is None)}
         preset = {"preset": self.preset} if self.preset else {}
-        return {**settings, **preset, **SpeedOptions(**self.speed).lossy(), "true_cfg_scale": float(cfg)}
+        components = {"components": {name: [folder, folder_stamp(folder)] for name, folder in self.components.items()}
+                      } if self.components else {}
+        return {**settings, **preset, **SpeedOptions(**self.speed).lossy(), **self.seed_settings(), **components,
+                "true_cfg_scale": float(cfg)}
+
+    def seed_settings(self) -> dict:
+        """The seed rule, for fingerprints and run manifests (absent with `same_seed`: the old rule)."""
+        return {} if self.same_seed else {"seeds": SEED_RULE}
+
+    def seed_of(self, record) -> int:
+        return self.seed if self.same_seed else record_seed(self.seed, record.id)
 
 
 @dataclass
@@ -199,7 +232,7 @@ def run_dataset(engine: Engine, records: Sequence, out_dir: str | os.PathLike, c
                 images = engine.edit([requests[i] for i in batch], max_batch=config.batch_size)
                 for i, image in zip(batch, images):
                     record, path = chunk[i]
-                    save_png(path, image, {**engine.settings(requests[i]), "id": record.id})
+                    save_png(path, image, {**engine.settings(requests[i]), "id": record.id, "base_seed": config.seed})
                     result.written.append(path)
                     progress.advance(task)
                     if on_saved is not None:
@@ -227,7 +260,8 @@ def _request(record, cfg: float, config: DatasetRunConfig, result: DatasetRunRes
         result.without_mask += 1
     return EditRequest(
         prompt=record.instruction, images=images, negative_prompt=config.negative_prompt, true_cfg_scale=cfg,
-        steps=config.steps, seed=config.seed, width=config.width, height=config.height, sampler=config.sampler,
+        steps=config.steps, seed=config.seed_of(record), width=config.width, height=config.height,
+        sampler=config.sampler,
         feather=config.feather, fusion=config.fusion if use_mask else "off", mask=mask, image_cfg=config.image_cfg,
         label=f"record {record_name(record)}").check()
 
@@ -256,7 +290,7 @@ def _clear_outputs(folder: Path, mine: Sequence, records: Sequence) -> None:
 
 def _write_manifest(engine: Engine, folder: Path, cfg: float, config: DatasetRunConfig, total: int,
                     bad: Sequence[BadRecord] = ()) -> None:
-    settings = {k: v for k, v in vars(config).items() if k != "cfgs"}
+    settings = {**{k: v for k, v in vars(config).items() if k != "cfgs"}, **config.seed_settings()}
     extra = {"bad_records": [{"record": b.name, "problem": b.problem} for b in bad]} if bad else {}
     write_run_manifest(folder, "infer", {**settings, "true_cfg_scale": cfg, "model": engine.model_name,
                                          "transformer": engine.transformer_name,

@@ -4,13 +4,19 @@ Nothing is fetched from the network. The family (given, or detected from the fol
 component folders a snapshot holds and loads them (`editkit.models.family.ModelFamily`); this
 module checks the files first, so that a missing or damaged file is one line naming it. The
 transformer may come from another folder (`transformer=`): either a component folder (config.json
-+ weights) or a snapshot root holding transformer/.
++ weights) or a snapshot root holding transformer/. So may the VAE and the text encoder (`vae=`,
+`text_encoder=`, the CLI's --vae / --text-encoder): the family then loads a view of the model
+folder whose vae/ or text_encoder/ is the other folder (symlinks in a temporary folder), so
+every family takes them without knowing; a replacement is checked first (its files, and the
+config keys that decide how it fits the rest: class, latent channels, downsampling levels,
+hidden size, vocabulary), and messages name the real folders.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 from pathlib import Path
 
 from editkit.errors import UserError
@@ -20,6 +26,13 @@ from editkit.models.family import VIEW_AREAS
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 TINY_PREFIX = "tiny"
+
+COMPONENT_OPTIONS = {"vae": "--vae", "text_encoder": "--text-encoder"}
+"""Components `load_model` takes from another folder (beside the transformer), with their CLI option."""
+_FIT_KEYS = ("_class_name", "model_type", "architectures", "z_dim", "latent_channels", "in_channels",
+             "input_channels", "out_channels", "hidden_size", "vocab_size", "projection_dim", "d_model")
+_LEVEL_KEYS = ("dim_mult", "block_out_channels", "temperal_downsample")
+"""Config lists whose length is a number of downsampling levels."""
 
 
 def is_tiny_spec(spec) -> bool:
@@ -64,6 +77,71 @@ def _transformer_folder(path: str | Path) -> Path:
             "pass a diffusers transformer folder or a snapshot containing transformer/"
         )
     return path
+
+
+def component_folder(name: str, path: str | Path, option: str) -> Path:
+    """A component given on the command line: the folder itself (config.json + weights) or `path/<name>`."""
+    path = Path(path)
+    if (path / name).is_dir():
+        path = path / name
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors*")):
+        raise UserError(f"{option} {path}: not a {name} folder (needs config.json and *.safetensors); pass a "
+                        f"diffusers {name} folder or a model folder containing {name}/")
+    return path
+
+
+def _fit_keys(config: dict) -> dict:
+    """The config values that decide whether a component fits the others (nested text_config included)."""
+    nested = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    out = {key: config.get(key, nested.get(key)) for key in _FIT_KEYS}
+    out.update({f"len({key})": len(config[key]) for key in _LEVEL_KEYS if isinstance(config.get(key), list)})
+    return {key: value for key, value in out.items() if value is not None}
+
+
+def check_components(root: Path, family, components: dict[str, Path]) -> None:
+    """Each replacement folder holds the family's files for it, readable, and fits the folder's own
+    component where the model folder has one (same `_fit_keys`); a UserError names the option and folder."""
+    for name, folder in components.items():
+        option = COMPONENT_OPTIONS[name]
+        if name not in family.component_files:
+            raise UserError(f"{option}: family {family.name} has no {name}/ component; leave {option} out")
+        missing = missing_files(folder.parent, {folder.name: family.component_files[name]})
+        if missing:
+            raise UserError(f"{option} {folder}: incomplete {name} folder, missing {', '.join(missing)}")
+        check_files([folder])
+        own = root / name / "config.json"
+        if not own.is_file():
+            continue
+        theirs, ours = _fit_keys(_read_json(folder / "config.json")), _fit_keys(_read_json(own))
+        differ = [f"{key}={theirs[key]!r} (the model's: {ours[key]!r})" for key in sorted(set(theirs) & set(ours))
+                  if theirs[key] != ours[key]]
+        if differ:
+            raise UserError(f"{option} {folder}: does not fit the model {root}: its config.json has "
+                            f"{', '.join(differ)}; give a {name} of the model's architecture")
+
+
+@contextlib.contextmanager
+def folder_view(root: Path, components: dict[str, Path]):
+    """`root` with its `name/` entries replaced by `components` (symlinks in a temporary folder), for a
+    family's `load_folder`; messages about the view name the real folders. Nothing replaced: `root`."""
+    if not components:
+        yield root
+        return
+    with tempfile.TemporaryDirectory(prefix="editkit-view-") as tmp:
+        view = Path(tmp) / root.name
+        view.mkdir()
+        for entry in root.iterdir():
+            if entry.name not in components:
+                (view / entry.name).symlink_to(entry.absolute())
+        for name, folder in components.items():
+            (view / name).symlink_to(folder.absolute())
+        try:
+            yield view
+        except UserError as err:
+            message = str(err)
+            for name, folder in components.items():
+                message = message.replace(str(view / name), str(folder))
+            raise UserError(message.replace(str(view), str(root))) from None
 
 
 def _read_json(path: Path) -> dict:
@@ -117,17 +195,23 @@ def resolve_family(root: Path, transformer_dir: Path, family: str | None) -> str
 
 
 @contextlib.contextmanager
-def weights_that_fit(root: Path):
+def weights_that_fit(root: Path | str):
     """Weights that parse but do not fit their config (a damaged header names other tensors or
     shapes, an edited config.json asks for other sizes) are one line, not the loader's traceback.
     The loaders say it as a ValueError (shape mismatch); tensors a header lacks stay on the meta
-    device, which `load_model` checks after loading."""
+    device, which `load_model` checks after loading. `root` is what the message names."""
     try:
         yield
     except (ValueError, NotImplementedError, KeyError) as err:
         reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise UserError(f"{root}: its weights do not fit its config.json ({reason}); re-download the model "
                         "or save it again") from None
+
+
+def _model_label(root: Path, components: dict[str, Path]) -> str:
+    """The model folder as messages name it: with the replaced components, when there are."""
+    extra = "".join(f" {COMPONENT_OPTIONS[name]} {folder}" for name, folder in components.items())
+    return f"{root} (with{extra})" if extra else str(root)
 
 
 def load_model(
@@ -141,12 +225,17 @@ def load_model(
     vae_image_size: int | None = None,
     vlm_image_size: int | None = None,
     seed: int = 0,
+    vae: str | Path | None = None,
+    text_encoder: str | Path | None = None,
 ):
     """Load an EditModel.
 
     spec: a local diffusers-format folder, or "tiny" / "tiny:<family>" (built in code with
-    `seed`). `vae_image_size` / `vlm_image_size` are the side (pixels) of the square whose area
-    the VAE / VLM views of source images keep (defaults: the family's, 1024 and 384; tiny: 64).
+    `seed`). `transformer`, `vae`, `text_encoder`: take that component from another folder (a
+    component folder, or a model folder holding it; not with a tiny spec for `vae` and
+    `text_encoder`, whose preset builds them in code). `vae_image_size` / `vlm_image_size` are the
+    side (pixels) of the square whose area the VAE / VLM views of source images keep (defaults: the
+    family's, 1024 and 384; tiny: 64).
     `attention_backend` is a diffusers attention backend name (e.g. "flash", "_native_cudnn");
     `compile` compiles the transformer's repeated blocks with torch.compile. On a device other
     than the CPU (e.g. each torchrun rank's own GPU), a folder's weights are read straight onto
@@ -162,18 +251,20 @@ def load_model(
                                                   ("vlm_image_area", vlm_image_size)) if side is not None}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     stream_to = None if torch.device(device).type == "cpu" else device  # CPU loading is unchanged
+    components = given_components(spec, vae=vae, text_encoder=text_encoder)
     if is_tiny_spec(spec):
         spec_family = get_family(str(spec).partition(":")[2] or family or DEFAULT_FAMILY)
         model = spec_family.build_tiny(seed=seed, areas=given)
     else:
         root = Path(spec)
-        transformer_dir, spec_family, areas = inspect_folder(root, family, transformer)
-        with weights_that_fit(root):
-            model = spec_family.load_folder(root, transformer_dir, torch_type, {**areas, **given}, device=stream_to)
+        transformer_dir, spec_family, areas = inspect_folder(root, family, transformer, components)
+        with weights_that_fit(_model_label(root, components)), folder_view(root, components) as view:
+            model = spec_family.load_folder(view, transformer_dir, torch_type, {**areas, **given}, device=stream_to)
         for name, module in model.modules().items():
             missing = next((n for n, p in module.named_parameters() if p.is_meta), None)
             if missing is not None:  # the file's header names other tensors than the config needs
-                raise UserError(f"{root}/{name}: its weights lack {missing} (a damaged or mismatched safetensors "
+                where = components.get(name, f"{root}/{name}")
+                raise UserError(f"{where}: its weights lack {missing} (a damaged or mismatched safetensors "
                                 "file); re-download the model or save it again")
     if transformer is not None and is_tiny_spec(spec):
         transformer_dir = _transformer_folder(transformer)
@@ -207,11 +298,33 @@ def set_attention_backend(transformer, name: str) -> None:
         raise UserError(f"attention backend {name!r} cannot run here ({err}); try 'native'") from None
 
 
-def inspect_folder(root: Path, family: str | None, transformer: str | Path | None):
+def component_paths(**paths) -> dict[str, str]:
+    """The component folders given (`vae=`, `text_encoder=`; None: the model's own), as `load_model`
+    keywords: what commands pass on, record in outputs' settings and stamp in fingerprints."""
+    unknown = set(paths) - set(COMPONENT_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown components {sorted(unknown)}; known: {sorted(COMPONENT_OPTIONS)}")
+    return {name: str(path) for name, path in paths.items() if path is not None}
+
+
+def given_components(spec, **paths) -> dict[str, Path]:
+    """The checked component folders given for `spec` (`vae=`, `text_encoder=`; None: the model's own)."""
+    chosen = component_paths(**paths)
+    if chosen and is_tiny_spec(spec):
+        option = COMPONENT_OPTIONS[next(iter(chosen))]
+        raise UserError(f"{option}: needs a model folder; the tiny preset builds every component in code "
+                        "(write it as a folder with `editkit model save-tiny DIR` and pass --model DIR)")
+    return {name: component_folder(name, path, COMPONENT_OPTIONS[name]) for name, path in chosen.items()}
+
+
+def inspect_folder(root: Path, family: str | None, transformer: str | Path | None,
+                   components: dict[str, Path] | None = None):
     """Check a model folder without loading weights: (transformer folder, family, editkit view areas).
 
+    `components` (from `given_components`) replace the folder's own, which it then need not have.
     A UserError names the folder and lists every missing file, or names a damaged JSON or safetensors file.
     """
+    components = components or {}
     if not root.is_dir():
         raise UserError(f"{root}: model folder not found; pass a diffusers-format folder or 'tiny'")
     transformer_dir = root / "transformer"
@@ -220,13 +333,15 @@ def inspect_folder(root: Path, family: str | None, transformer: str | Path | Non
     index = _read_json(root / "model_index.json")
     detected = family or detect_family(index, _read_json(transformer_dir / "config.json"))
     files = get_family(detected or DEFAULT_FAMILY).component_files
-    needed = {name: globs for name, globs in files.items() if not (name == "transformer" and transformer is not None)}
+    needed = {name: globs for name, globs in files.items()
+              if not (name == "transformer" and transformer is not None) and name not in components}
     missing = missing_files(root, needed)
     if missing:
         raise UserError(f"{root}: incomplete model folder, missing {', '.join(missing)}")
     check_files([root, transformer_dir, *(root / c for c in needed if c != "transformer")])
     spec = get_family(resolve_family(root, transformer_dir, family))
     spec.check_transformer(_read_json(transformer_dir / "config.json"))
+    check_components(root, spec, components)
     areas = {key: int(index[f"_editkit_{key}"]) for key in VIEW_AREAS if f"_editkit_{key}" in index}
     return transformer_dir, spec, areas
 

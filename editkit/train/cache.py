@@ -324,9 +324,12 @@ def cache_inputs(model_spec, model, records, family: str | None, dtype: str, are
     """What the cached tensors depend on (editkit.utils.fingerprint): the model folder and how it is loaded
     (a model passed in: its family, dtype and view sizes), the buckets, and the records with their files
     and every text that is encoded."""
-    if model is None:
+    from editkit.models.loading import COMPONENT_OPTIONS
+
+    if model is None:  # components from other folders (vae=, text_encoder=) by content
         encoder = {"family": family, "dtype": dtype,
-                   "options": {k: v for k, v in sorted(model_kwargs.items()) if v is not None}}
+                   "options": {k: folder_stamp(v) if k in COMPONENT_OPTIONS else v
+                               for k, v in sorted(model_kwargs.items()) if v is not None}}
     else:
         encoder = {"family": model.family.name, "dtype": str(model.dtype),
                    "views": [model.vae_image_area, model.vlm_image_area]}

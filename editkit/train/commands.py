@@ -60,6 +60,10 @@ def cache(
                                    help="Records of one shape encoded together (VLM and VAE); 1 = one at a time."),
     vae_image_size: Optional[int] = typer.Option(None, "--vae-image-size", help="Side of the VAE view of sources."),
     vlm_image_size: Optional[int] = typer.Option(None, "--vlm-image-size", help="Side of the VLM view of sources."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="Take the VAE from this folder (a vae/ folder, or a model "
+                                                           "folder holding one)."),
+    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="Take the text encoder from this folder "
+                                                                             "(or a model folder holding one)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild the cache from scratch (its shards and "
                                                               "indexes deleted first); needed when it was made with "
                                                               "other settings or data."),
@@ -85,13 +89,15 @@ def cache(
         raise UserError(f"editkit cache: give {', '.join(missing)} (or `editkit cache verify DIR`)")
     from editkit.data.manifest import parse_field_overrides
     from editkit.infer.speed import SpeedOptions
+    from editkit.models.loading import component_paths
     from editkit.train.cache import build_cache
 
     speed = SpeedOptions(offload=offload)
     result = build_cache(model, data, out, area, multiple, max_ratio, family=family, dtype=dtype, device=device,
                          shard_records=shard_records, batch_size=batch_size, fields=parse_field_overrides(field),
                          overwrite=overwrite, repair=repair, skip_bad=skip_bad, vae_image_size=vae_image_size,
-                         vlm_image_size=vlm_image_size, speed=speed)
+                         vlm_image_size=vlm_image_size, speed=speed,
+                         **component_paths(vae=vae, text_encoder=text_encoder))
     for what, reason in result["repaired"].items():
         typer.echo(f"repair: dropped {what} ({reason}); its records were encoded again")
     typer.echo(f"cached {result['records']} records ({result['skipped']} already done) in {result['out']}")

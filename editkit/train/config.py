@@ -3,8 +3,10 @@
 `load_config(path, overrides)` returns a validated `TrainConfig`; any mistake (unknown field,
 wrong type, bad override) becomes one `UserError` line naming the file and the field.
 
-Paths (`model` when it is a folder, `transformer`, `output_dir`, `data.train[].manifest`,
-`data.cache`, `data.val`, `rgba_vae.rgb_checkpoint`, `rgba_vae.lpips_weights`) written in a
+Paths (`model` when it is a folder, `transformer`, `vae_folder`, `text_encoder_folder`,
+`output_dir`, `data.train[].manifest`,
+`data.cache`, `data.val`, `rgba_vae.rgb_checkpoint`, `rgba_vae.lpips_weights`,
+`decompose.cache`, `decompose.init_lora`) written in a
 YAML file are relative to that file's folder, as paths in a manifest are relative to the
 manifest; `key=value` overrides and configs given as dicts (`validate_config`) are relative to
 the working directory. Every path comes out absolute, so the `config.yaml` a run writes beside
@@ -208,21 +210,45 @@ class RgbaVaeStage(_Strict):
     alpha_weight: float = Field(3.0, ge=0)
     kl_weight: float = Field(1e-6, ge=0)
     lpips_weight: float = Field(0.0, ge=0)  # perceptual loss on composites over black and white; 0 = off
-    lpips_weights: str | None = None  # torch hub folder with the LPIPS backbone (needs torchvision)
+    # folder with the LPIPS backbone and heads, as `editkit eval --weights lpips=DIR` takes (docs/eval.md)
+    lpips_weights: str | None = None
     grid_items: int = Field(8, ge=1)  # images in each validation grid
 
     @model_validator(mode="after")
     def _lpips_needs_weights(self):
         if self.lpips_weight > 0 and not self.lpips_weights:
-            raise ValueError("lpips_weight > 0 needs lpips_weights (a torch hub folder with the LPIPS backbone)")
+            raise ValueError("lpips_weight > 0 needs lpips_weights (a folder with the LPIPS backbone and heads, "
+                             "e.g. alexnet-owt-7be5be79.pth and alex.pth; docs/eval.md)")
+        return self
+
+
+class DecomposeStage(_Strict):
+    """The `decompose` stage: Qwen-Image-Layered trained on `editkit layers prep` data (image -> layers)."""
+
+    resolution: int | None = Field(None, ge=16, le=4096)  # layers at about resolution² pixels; None: the model's
+    min_layers: int = Field(1, ge=1)  # samples with fewer or more layers are left out (a curriculum phase's range)
+    max_layers: int = Field(64, ge=1)
+    prompt: Literal["descriptions", "fixed"] = "descriptions"  # the layers' descriptions joined, or prompt_text
+    prompt_text: str = "a layered design"  # the prompt of `fixed`, and of samples without descriptions
+    cache: str | None = None  # folder for the encoded prompts and latents (CACHE/<key>/); None: in memory
+    init_lora: str | None = None  # start the LoRA from an earlier phase's file (same targets, rank and alpha)
+
+    @model_validator(mode="after")
+    def _layer_range(self):
+        if self.min_layers > self.max_layers:
+            raise ValueError(f"min_layers ({self.min_layers}) is above max_layers ({self.max_layers})")
+        if not self.prompt_text.strip():
+            raise ValueError("prompt_text: give a non-empty description (a blank one means the auto-caption)")
         return self
 
 
 class TrainConfig(_Strict):
-    stage: Literal["edit", "vae", "rgba_vae"] = "edit"
+    stage: Literal["edit", "vae", "rgba_vae", "decompose"] = "edit"
     model: str = "tiny"  # editkit.models.load_model spec: a diffusers folder or tiny[:family]
     family: str | None = None
     transformer: str | None = None  # a transformer folder replacing the model's
+    vae_folder: str | None = None  # a VAE folder replacing the model's (--vae; `vae:` is the VAE stage's section)
+    text_encoder_folder: str | None = None  # a text encoder folder replacing the model's (--text-encoder)
     output_dir: str = "runs/train"
     seed: int = Field(0, ge=0, lt=2 ** 32)  # numpy takes 32-bit seeds
     data: DataConfig = Field(default_factory=DataConfig)
@@ -232,6 +258,7 @@ class TrainConfig(_Strict):
     loop: TrainLoop = Field(default_factory=TrainLoop)
     vae: VaeStage = Field(default_factory=VaeStage)
     rgba_vae: RgbaVaeStage = Field(default_factory=RgbaVaeStage)
+    decompose: DecomposeStage = Field(default_factory=DecomposeStage)
 
     @model_validator(mode="after")
     def _needs_data(self):
@@ -246,6 +273,23 @@ class TrainConfig(_Strict):
             raise ValueError("data: give either data.train or data.cache, not both")
         if self.stage == "vae" and not self.data.train:
             raise ValueError("data.train: the vae stage reads images from manifests, not a cache")
+        if self.stage == "decompose":
+            if len(self.data.train) != 1:
+                raise ValueError("data.train: the decompose stage reads one folder written by `editkit layers prep` "
+                                 "(data.train: [{manifest: FOLDER}])")
+            if self.objective.kind != "flow_matching":
+                raise ValueError("objective.kind: the decompose stage trains with flow_matching")
+            unused = {"data.val": self.data.val, "objective.image_dropout": self.objective.image_dropout,
+                      "objective.mask_weight": self.objective.mask_weight,
+                      "train.extra_modules": self.train.extra_modules,
+                      "train.rope_frames": self.train.rope_frames != "own"}
+            for name, value in unused.items():
+                if value:
+                    raise ValueError(f"{name}: the decompose stage does not use it (validation is on the prep "
+                                     "folder's val split); leave it out")
+            if self.decompose.init_lora and self.train.mode != "lora":
+                raise ValueError("decompose.init_lora: needs train.mode lora (a full phase starts from "
+                                 "`transformer:`, the earlier phase's final/transformer)")
         if self.stage == "rgba_vae":
             if len(self.data.train) != 1:
                 raise ValueError("data.train: the rgba_vae stage reads one folder written by `editkit layers prep` "
@@ -265,7 +309,8 @@ class TrainConfig(_Strict):
 RESUMABLE = ("output_dir", "data.val", "train.gradient_checkpointing", "train.compile",
              "loop.checkpoint_every", "loop.keep_last", "loop.log_every", "loop.validate_every",
              "loop.preview_every", "loop.preview_steps", "loop.preview_cfg", "loop.val_samples",
-             "loop.tensorboard", "loop.wandb", "loop.export_lora", "rgba_vae.grid_items")
+             "loop.tensorboard", "loop.wandb", "loop.export_lora", "rgba_vae.grid_items",
+             "decompose.cache")
 STEP_FREE_SCHEDULES = ("constant", "constant_with_warmup")  # learning rates that do not depend on loop.max_steps
 
 
@@ -336,15 +381,15 @@ def absolute_paths(raw: dict, base: str | Path) -> dict:
 
     base = Path(base).absolute()
     out = dict(raw)
-    for key in ("transformer", "output_dir"):
+    for key in ("transformer", "vae_folder", "text_encoder_folder", "output_dir"):
         if key in raw:
             out[key] = _absolute(raw[key], base)
     if "model" in raw and not is_tiny_spec(raw["model"]):
         out["model"] = _absolute(raw["model"], base)
-    stage = raw.get("rgba_vae")
-    if isinstance(stage, dict):
-        out["rgba_vae"] = {**stage, **{k: _absolute(stage[k], base) for k in ("rgb_checkpoint", "lpips_weights")
-                                       if k in stage}}
+    for name, keys in (("rgba_vae", ("rgb_checkpoint", "lpips_weights")), ("decompose", ("cache", "init_lora"))):
+        stage = raw.get(name)
+        if isinstance(stage, dict):
+            out[name] = {**stage, **{k: _absolute(stage[k], base) for k in keys if k in stage}}
     data = raw.get("data")
     if isinstance(data, dict):
         data = out["data"] = dict(data)

@@ -146,7 +146,8 @@ def load_edit_model(cfg: TrainConfig, device):
     """
     from editkit.models import load_model
 
-    model = load_model(cfg.model, family=cfg.family, transformer=cfg.transformer,
+    model = load_model(cfg.model, family=cfg.family, transformer=cfg.transformer, vae=cfg.vae_folder,
+                       text_encoder=cfg.text_encoder_folder,
                        dtype="bf16" if cfg.loop.mixed_precision == "bf16" else "fp32", device=str(device))
     if not model.family.trainable:
         raise UserError(f"model {cfg.model}: family {model.family.name} is for editing and evaluation only; "

@@ -70,6 +70,7 @@ STAGES = {
     "edit": ("editkit.train.edit_task", "EditTask"),
     "vae": ("editkit.train.vae_stage", "VaeTask"),
     "rgba_vae": ("editkit.train.rgba_vae_stage", "RgbaVaeTask"),
+    "decompose": ("editkit.train.decompose_task", "DecomposeTask"),
 }
 """Training stage name (`stage:` in a config) -> the module and class of its Task."""
 
@@ -114,6 +115,8 @@ def run_fingerprint(cfg: TrainConfig) -> dict:
     inputs = trajectory_settings(cfg)
     inputs["model"] = folder_stamp(cfg.model)
     inputs["transformer"] = folder_stamp(cfg.transformer) if cfg.transformer else None
+    for key in ("vae_folder", "text_encoder_folder"):  # by content, as the transformer
+        inputs[key] = folder_stamp(getattr(cfg, key)) if getattr(cfg, key) else None
     inputs["data.cache"] = [_cache_identity(open_cache(c, cfg.data)) for c in cfg.data.cache]
     inputs.update(task_class(cfg.stage).data_identity(cfg))
     return inputs
