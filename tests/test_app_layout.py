@@ -20,7 +20,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 def _controller(tmp_path, loras=()):
     # The page only reads the engine's name; no model is needed to build it.
-    engine = SimpleNamespace(model_name="stub", load_loras=lambda specs: None)
+    engine = SimpleNamespace(model_name="stub", model=None, load_loras=lambda specs: None)
     return AppController(engine, limits=AppLimits(max_sources=2),
                          loras=list(loras), defaults=AppDefaults(steps=7, true_cfg_scale=2.5, seed=11),
                          output_dir=tmp_path)

@@ -197,15 +197,22 @@ def _gelu_tanh_epilogue(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
     The fused op has no backward: with autograd recording, the plain matmul + GELU runs; so it
     does where `proj` is not a plain Linear (an unfused LoRA adds its delta in its own forward) or
-    its weights are not on the input's device (group offload onloads them in `proj`).
+    its weights are not on the input's device (group offload onloads them in `proj`), or they are
+    a tensor subclass (torchao's float8 weights: cuBLASLt's epilogue takes plain tensors only).
     """
     proj = self.proj
-    plain = type(proj) is torch.nn.Linear and proj.weight.device == hidden_states.device
+    plain = (type(proj) is torch.nn.Linear and _plain_tensor(proj.weight)
+             and proj.weight.device == hidden_states.device)
     if torch.is_grad_enabled() or not plain:  # training, a LoRA-wrapped layer, or offloaded weights
         return F.gelu(proj(hidden_states), approximate="tanh")
     flat = hidden_states.flatten(0, -2)
     out = torch._addmm_activation(proj.bias, flat, proj.weight.t(), use_gelu=True)
     return out.unflatten(0, hidden_states.shape[:-1])
+
+
+def _plain_tensor(weight) -> bool:
+    """A plain (unquantized) parameter or tensor, not a subclass such as torchao's float8 weights."""
+    return type(weight) in (torch.nn.Parameter, torch.Tensor)
 
 
 def _real_rope_hook(module, args, output):
@@ -233,8 +240,8 @@ def fuse_block_ops(model) -> None:
         block.attn.set_processor(processor)
     for module in transformer.modules():
         cuda = module.__class__ is GELU and module.proj.weight.is_cuda
-        if (cuda and module.approximate == "tanh"
-                and type(module.proj) is torch.nn.Linear and module.proj.bias is not None):
+        if (cuda and module.approximate == "tanh" and type(module.proj) is torch.nn.Linear
+                and _plain_tensor(module.proj.weight) and module.proj.bias is not None):
             module.forward = types.MethodType(_gelu_tanh_epilogue, module)
     transformer._editkit_fused = True
 
