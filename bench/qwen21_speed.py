@@ -160,6 +160,7 @@ def bench(args, device, dtype) -> dict:
                 for name in fns:
                     rows.append({"impl": name, "kv_cache": kv, "cfg": cfg, **timed[name], "peak_gib": peaks[name],
                                  "max_pixel_diff": diff})
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # kept if the run is cut short
     tokens = _sequence_tokens(model, images, side)
     return {
         "size": side,

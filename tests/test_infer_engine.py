@@ -162,3 +162,20 @@ def test_bridge_start_is_the_same_in_training_and_in_the_engine(engine, tmp_path
     torch.testing.assert_close(engine.model.pack(trained[None].to(started)), started)
     stretched = engine.model.pack(engine.model.encode_images([wide], 64, 64))
     assert not torch.allclose(stretched, started, atol=1e-3)
+
+
+def test_cfg_one_edits_do_not_encode_the_negative_prompt(engine, monkeypatch):
+    seen = []
+    prepare = engine.model.prepare
+
+    def spy(prompts, images, width, height, negatives=None, **kw):
+        seen.append(list(negatives))
+        return prepare(prompts, images, width, height, negatives, **kw)
+
+    monkeypatch.setattr(engine.model, "prepare", spy)
+    src = noise_image(4, (64, 64))
+    images = engine.edit([EditRequest("blue", [src], steps=2, seed=1, true_cfg_scale=1.0, negative_prompt="bad"),
+                          EditRequest("blue", [src], steps=2, seed=1, true_cfg_scale=4.0, negative_prompt="bad")])
+    assert seen == [[None, "bad"]]  # one batch; only the CFG-4 request's negative is encoded
+    alone = engine.edit([EditRequest("blue", [src], steps=2, seed=1, true_cfg_scale=1.0, negative_prompt=None)])[0]
+    assert np.abs(pixels(alone) - pixels(images[0])).max() <= 1  # CFG 1 is the same edit with or without one

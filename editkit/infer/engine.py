@@ -321,7 +321,7 @@ class Engine:
         model, first = self.model, reqs[0]
         width, height = self.output_size(first)
         inputs = model.prepare([r.prompt for r in reqs], [r.images for r in reqs], width, height,
-                               [r.negative_prompt for r in reqs] if first.sampler == "flow" else None,
+                               [_used_negative(r) for r in reqs] if first.sampler == "flow" else None,
                                masks=[r.mask for r in reqs] if self.takes_mask() else None)
         seeds = [r.seed for r in reqs]
         needs_source = first.sampler == "bridge" or any(r.fusion in fusion_ops.LATENT_MODES for r in reqs)
@@ -388,3 +388,11 @@ def _check_finite(values: torch.Tensor, reqs: list[EditRequest], what: str) -> N
         raise UserError(f"{name}{more}: the {what} are not finite (NaN or inf), so no image was saved; likely "
                         "cause: a LoRA with broken weights or a huge scale, an extreme CFG scale, or fp16 overflow "
                         "(try --dtype bf16 or fp32)")
+
+
+def _used_negative(req: EditRequest) -> str | None:
+    """The request's negative prompt when its sampling uses one (true CFG > 1 or an image guidance
+    scale), else None, so a CFG-1 edit (the Lightning presets) skips encoding it."""
+    if (req.true_cfg_scale is not None and req.true_cfg_scale > 1) or req.image_cfg is not None:
+        return req.negative_prompt
+    return None
