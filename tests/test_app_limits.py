@@ -31,13 +31,15 @@ def test_overlong_instruction_is_refused():
         check_instruction("abcdefgh", AppLimits(max_instruction_chars=5))
 
 
-def test_sources_load_as_rgb(tmp_path):
+def test_sources_keep_their_alpha_for_the_engine(tmp_path):
+    from editkit.data.images import as_mode
+
     rgba = tmp_path / "cut.png"
     Image.new("RGBA", (8, 6), (0, 0, 0, 0)).save(rgba)
     images = load_sources([_png(tmp_path / "a.png"), str(rgba)], AppLimits())
-    assert [im.mode for im in images] == ["RGB", "RGB"]
+    assert [im.mode for im in images] == ["RGB", "RGBA"]  # the engine gives them the model's mode
     assert images[0].size == (40, 30)
-    assert images[1].getpixel((0, 0)) == (255, 255, 255)  # transparency composited on white
+    assert as_mode(images[1], "RGB").getpixel((0, 0)) == (255, 255, 255)  # an RGB family: over white
 
 
 def test_no_source_is_refused():

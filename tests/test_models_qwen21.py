@@ -277,6 +277,35 @@ def test_cli_edit_and_infer_write_rgba_pngs(tmp_path, capsys):
     assert Image.open(tmp_path / "chat" / "turn-01.png").mode == "RGBA"
 
 
+def test_transparent_sources_reach_the_model_with_their_alpha(model, tmp_path, capsys, monkeypatch):
+    from editkit.data.images import load_image
+    from editkit.models.qwen_image_21 import QwenImage21Model
+
+    seen = []
+    prepare = QwenImage21Model.prepare
+
+    def spy(self, prompts, images, *args, **kwargs):
+        seen.extend(image for sample in images for image in sample)
+        return prepare(self, prompts, images, *args, **kwargs)
+
+    monkeypatch.setattr(QwenImage21Model, "prepare", spy)
+    path = tmp_path / "half.png"
+    IMAGES[2].save(path)
+    code, _, err = run_cli(capsys, "edit", "--model", TINY, "--steps", "2", "--dtype", "fp32", "--device", "cpu",
+                           "--image", path, "--prompt", "make it red", "--out", tmp_path / "cli.png")
+    assert code == 0, err
+    assert [image.mode for image in seen] == ["RGBA"]
+    assert np.array_equal(np.asarray(seen[0]), np.asarray(IMAGES[2]))  # the file's alpha, not a white composite
+
+    from editkit.infer.engine import EditRequest, Engine
+
+    flat = load_image(path)
+    rgb_engine = Engine(load_model("tiny", dtype="fp32", device="cpu"))  # an RGB family: over white
+    resolved = rgb_engine.resolve(EditRequest("x", [load_image(path, "keep")], steps=2))
+    assert resolved.images[0].mode == "RGB" and np.array_equal(np.asarray(resolved.images[0]), np.asarray(flat))
+    assert np.asarray(flat)[0, 0].tolist() == [255, 255, 255]  # a transparent pixel became white
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, one_thread):
     from editkit.data.synth import synthesize

@@ -96,6 +96,6 @@ def load_uploaded_mask(path: str | os.PathLike, size: tuple[int, int], limits: A
 
 def _decoded(path: str | os.PathLike, what: str) -> Image.Image:
     try:
-        return load_image(path)
+        return load_image(path, "keep")  # the engine gives it the model's mode
     except UserError:
         raise UserError(f"{_display_name(path)}: {what} cannot be decoded; re-export it as PNG or JPEG") from None

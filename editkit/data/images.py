@@ -33,7 +33,7 @@ from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 from editkit.errors import UserError
 
 MASK_THRESHOLD = 128
-_MODES = ("RGB", "RGBA")
+_MODES = ("RGB", "RGBA", "keep")
 # 8-bit modes Pillow converts to RGB/RGBA itself ("La", premultiplied grey, it cannot)
 EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
@@ -142,13 +142,25 @@ def has_transparency(img: Image.Image) -> bool:
 
 
 def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
-    """Open an image of any supported mode as 8-bit `mode` ("RGB" or "RGBA"), EXIF orientation applied;
-    for RGB, transparency is composited over white."""
+    """Open an image of any supported mode as 8-bit `mode`, EXIF orientation applied: "RGB"
+    (transparency composited over white), "RGBA", or "keep" (RGBA when it has transparency, else RGB;
+    a source image whose model decides later, `as_mode`)."""
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, not {mode!r}")
     img, _ = open_8bit(path, "image")
+    if mode == "keep":
+        mode = "RGBA" if has_transparency(img) else "RGB"
+    return as_mode(img, mode)
+
+
+def as_mode(img: Image.Image, mode: str) -> Image.Image:
+    """An 8-bit image as "RGB" (transparency composited over white) or "RGBA" (an RGB image is opaque)."""
     if mode == "RGBA":
-        return img.convert("RGBA")
+        return img if img.mode == "RGBA" else img.convert("RGBA")
+    if mode != "RGB":
+        raise ValueError(f"mode must be RGB or RGBA, not {mode!r}")
+    if img.mode == "RGB":
+        return img
     if has_transparency(img):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -205,7 +205,7 @@ def edit_command(
     check_output_file(out)
     speed_options = SpeedOptions(speed, attention, fp8, offload, cache_threshold)
     specs, chosen = _loras_and_preset(lora, preset, sampler)
-    images = [load_image(p) for p in image]
+    images = [load_image(p, "keep") for p in image]  # the engine gives them the model's mode
     mask_image = _mask_image(mask, images)
     request = EditRequest(prompt=prompt, images=images, negative_prompt=negative,
                           true_cfg_scale=_or_preset(cfg, chosen, "true_cfg_scale", None),
@@ -274,7 +274,7 @@ def chat_command(
 
     speed_options = SpeedOptions(speed, attention, fp8, offload, cache_threshold)
     specs, chosen = _loras_and_preset(lora, preset, sampler)
-    images = [load_image(p) for p in image]
+    images = [load_image(p, "keep") for p in image]  # the engine gives them the model's mode
     mask_image = _mask_image(mask, images)
     settings = dict(negative_prompt=negative, true_cfg_scale=_or_preset(cfg, chosen, "true_cfg_scale", None),
                     steps=_or_preset(steps, chosen, "steps", None), seed=seed, width=width, height=height,

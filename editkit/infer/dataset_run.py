@@ -252,7 +252,7 @@ def _request(record, cfg: float, config: DatasetRunConfig, result: DatasetRunRes
     from editkit.data.images import load_image, load_mask
 
     use_mask = record.mask is not None and (config.fusion != "off" or takes_mask)
-    images = [load_image(p) for p in record.sources]
+    images = [load_image(p, "keep") for p in record.sources]  # the engine gives them the model's mode
     mask = load_mask(record.mask) if use_mask else None
     if mask is not None and images:
         check_mask_size(mask.size, images[0].size, f"mask {record.mask}")

@@ -231,10 +231,14 @@ class Engine:
 
     def resolve(self, request: EditRequest) -> EditRequest:
         """The request with the settings it leaves open filled in from the model family's defaults
-        (`ModelFamily.sampling`), checked against what the family needs."""
+        (`ModelFamily.sampling`), its source images in the family's `image_mode`, checked against
+        what the family needs."""
+        from editkit.data.images import as_mode
+
         defaults_ = self.model.family.sampling
         filled = dataclasses.replace(
             request,
+            images=[as_mode(image, self.model.family.image_mode) for image in request.images],
             true_cfg_scale=defaults_.cfg if request.true_cfg_scale is None else request.true_cfg_scale,
             steps=defaults_.steps if request.steps is None else request.steps,
             image_cfg=defaults_.image_cfg if request.image_cfg is None else request.image_cfg,

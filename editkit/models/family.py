@@ -210,6 +210,8 @@ class ModelFamily(Protocol):
     """The diffusers pipeline class whose results this family reproduces."""
     max_images: int | None
     """How many source images a record may have (None: any number)."""
+    image_mode: str
+    """How source images reach the model: "RGB" (transparency composited over white) or "RGBA"."""
     scheduler: dict
     """The diffusers scheduler config of the released checkpoints."""
     lora_targets: Mapping[str, tuple[str, ...]]

@@ -192,6 +192,7 @@ class FluxFillFamily:
     sampling: SamplingDefaults = SamplingDefaults(steps=50, cfg=30.0, needs_mask=True)
     """The model card's and pipeline's defaults: 50 steps, guidance 30; every edit fills a mask."""
     trainable: bool = False
+    image_mode: str = "RGB"
     max_sequence_length: int = 512
     """T5 tokens per prompt (the pipeline pads every prompt to them)."""
     t5_special_tokens: tuple[str, ...] = ()

@@ -160,6 +160,7 @@ class InstructPix2PixFamily:
     sampling: SamplingDefaults = SamplingDefaults(steps=100, cfg=7.5, image_cfg=1.5)
     """The pipeline's defaults (100 steps, as in the paper; text guidance 7.5, image guidance 1.5)."""
     trainable: bool = False
+    image_mode: str = "RGB"
 
     def unused_modules(self, transformer) -> list[str]:
         return []

@@ -189,6 +189,8 @@ class QwenImage21Family:
     description: str = ("Qwen-Image-2.1: generation and editing with up to 10 source images, single-stream "
                         "7B transformer, Qwen3-VL encoder, RGBA output")
     max_images: int | None = MAX_IMAGES
+    image_mode: str = "RGBA"
+    """Source images keep their alpha (the VAE is RGBA); an RGB image is opaque."""
     vlm_image_area: int = 1024 * 1024
     """The VLM sees each source image at its VAE view (an image token is 2x2 latent tokens)."""
     vae_image_area: int = 1024 * 1024

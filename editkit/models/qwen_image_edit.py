@@ -106,6 +106,7 @@ class QwenImageEditFamily:
     vlm_image_area: int = 384 * 384
     vae_image_area: int = 1024 * 1024
     output_area: int = 1024 * 1024
+    image_mode: str = "RGB"
     scheduler: dict = field(default_factory=lambda: dict(QWEN_IMAGE_SCHEDULER))
     transformer_flags: dict = field(default_factory=dict)
     system_prompt: str = SYSTEM_PROMPT
