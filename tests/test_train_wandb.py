@@ -113,7 +113,7 @@ def test_without_the_package_it_is_one_line(manifest, tmp_path, capsys, monkeypa
 
 
 def test_the_real_offline_run_holds_the_metrics(manifest, tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")  # an optional extra: not installed in the test environment
+    wandb = pytest.importorskip("wandb")
     from editkit.train.trainer import train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -121,7 +121,9 @@ def test_the_real_offline_run_holds_the_metrics(manifest, tmp_path, monkeypatch)
     out = tmp_path / "run"
     train(validate_config(_raw(out, manifest)), progress=False)
     (run_dir,) = (out / "wandb").glob("offline-run-*")
-    summary = json.loads((run_dir / "files" / "wandb-summary.json").read_text())
+    (run_file,) = run_dir.glob("*.wandb")  # protobuf records; wandb >= 0.19 keeps the summary there too
+    data = run_file.read_bytes()
     rows = _csv_rows(out)
-    assert summary["_step"] == 3 and summary["loss"] == pytest.approx(float(rows[3]["loss"]), rel=1e-6)
-    assert any(run_dir.glob("*.wandb")), f"wandb {wandb.__version__} wrote no offline run file"
+    assert sorted(rows) == [1, 2, 3] and b"loss" in data
+    for row in rows.values():  # every step's loss, as JSON text in its history record
+        assert repr(float(row["loss"])).encode() in data, f"wandb {wandb.__version__}: step {row['step']} missing"
