@@ -36,6 +36,24 @@ VIEW_AREAS = ("vlm_image_area", "vae_image_area", "output_area")
 default output; `load_model` overrides and model folders record them."""
 
 
+def write_model_index(family, model, out, components: dict, extra: dict | None = None) -> None:
+    """`out/model_index.json` as diffusers writes it for `family.pipeline_class` (`components`: name ->
+    [library, class]), with editkit's keys: the family, the model's view areas and `extra`."""
+    import json
+
+    import diffusers
+
+    index = {
+        "_class_name": family.pipeline_class,
+        "_diffusers_version": diffusers.__version__,
+        "_editkit_family": family.name,
+        **{f"_editkit_{key}": int(getattr(model, key)) for key in VIEW_AREAS},
+        **{f"_editkit_{key}": value for key, value in (extra or {}).items()},
+        **components,
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
     """A family's sampling settings when the user gives none (its model card's / pipeline's)."""

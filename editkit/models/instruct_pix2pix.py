@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from editkit.errors import UserError
-from editkit.models.family import VIEW_AREAS, EditInputs, SamplingDefaults
+from editkit.models.family import VIEW_AREAS, EditInputs, SamplingDefaults, write_model_index
 from editkit.utils.lazy import LazyModule
 
 if TYPE_CHECKING:
@@ -252,21 +252,12 @@ class InstructPix2PixFamily:
         model.text_encoder.save_pretrained(out / "text_encoder")
         model.tokenizer.save_pretrained(out / "tokenizer")
         model.scheduler.save_pretrained(out / "scheduler")
-        areas = {key: getattr(model, key) for key in VIEW_AREAS}
-        index = self.model_index(areas, type(model.scheduler).__name__, **(extra or {}))
-        (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_model_index(self, model, out, self.components(type(model.scheduler).__name__), extra)
 
-    def model_index(self, areas: dict[str, int], scheduler_class: str, **extra) -> dict:
-        """The model_index.json of a folder of this family, as diffusers writes it for the pipeline
-        without a safety checker, plus editkit's keys."""
-        import diffusers
-
+    def components(self, scheduler_class: str) -> dict:
+        """The model_index.json components of a folder of this family, as diffusers writes them for
+        the pipeline without a safety checker."""
         return {
-            "_class_name": self.pipeline_class,
-            "_diffusers_version": diffusers.__version__,
-            "_editkit_family": self.name,
-            **{f"_editkit_{key}": int(value) for key, value in areas.items()},
-            **{f"_editkit_{key}": value for key, value in extra.items()},
             "feature_extractor": [None, None],
             "image_encoder": [None, None],
             "requires_safety_checker": False,

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 from editkit.data.images import fit_area
 from editkit.errors import UserError
-from editkit.models.family import VIEW_AREAS, EditInputs, SamplingDefaults
+from editkit.models.family import VIEW_AREAS, EditInputs, SamplingDefaults, write_model_index
 from editkit.models.qwen_image_edit import QwenImageEditModel, _device_map
 from editkit.utils.lazy import LazyModule
 
@@ -281,8 +281,6 @@ class QwenImage21Family:
     def write_folder(self, model: QwenImage21Model, out: Path, extra: dict | None = None) -> None:
         """The components and model_index.json (with the model's `sample_sigmas`) into the empty `out`;
         `QwenImage21Pipeline.from_pretrained` loads it."""
-        import diffusers
-
         model.transformer.save_pretrained(out / "transformer")
         model.vae.save_pretrained(out / "vae")
         model.text_encoder.save_pretrained(out / "text_encoder")
@@ -291,12 +289,7 @@ class QwenImage21Family:
         if model.processor.chat_template:
             (out / "processor" / "chat_template.jinja").write_text(model.processor.chat_template)
         model.scheduler.save_pretrained(out / "scheduler")
-        index = {
-            "_class_name": self.pipeline_class,
-            "_diffusers_version": diffusers.__version__,
-            "_editkit_family": self.name,
-            **{f"_editkit_{key}": int(getattr(model, key)) for key in VIEW_AREAS},
-            **{f"_editkit_{key}": value for key, value in (extra or {}).items()},
+        components = {
             "processor": ["transformers", "Qwen3VLProcessor"],
             "sample_sigmas": None if model.sample_sigmas is None else [float(s) for s in model.sample_sigmas],
             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -304,7 +297,7 @@ class QwenImage21Family:
             "transformer": ["diffusers", "QwenImage21Transformer2DModel"],
             "vae": ["diffusers", "AutoencoderKLQwenImage21"],
         }
-        (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_model_index(self, model, out, components, extra)
 
 
 FAMILIES = (QwenImage21Family(),)

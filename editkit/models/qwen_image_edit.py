@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from editkit.data.images import fit_area
 from editkit.errors import UserError
-from editkit.models.family import VIEW_AREAS, EditInputs, SamplingDefaults
+from editkit.models.family import VIEW_AREAS, EditInputs, SamplingDefaults, write_model_index
 from editkit.utils.lazy import LazyModule
 
 if TYPE_CHECKING:
@@ -232,19 +231,11 @@ class QwenImageEditFamily:
         model.tokenizer.save_pretrained(out / "processor")
         model.processor.image_processor.save_pretrained(out / "processor")
         model.scheduler.save_pretrained(out / "scheduler")
-        areas = {key: getattr(model, key) for key in VIEW_AREAS}
-        (out / "model_index.json").write_text(json.dumps(self.model_index(areas, **(extra or {})), indent=2) + "\n")
+        write_model_index(self, model, out, self.components(), extra)
 
-    def model_index(self, areas: dict[str, int], **extra) -> dict:
-        """The model_index.json of a folder of this family: component classes, the family, the image areas."""
-        import diffusers
-
+    def components(self) -> dict:
+        """The model_index.json components of a folder of this family, as diffusers writes them."""
         return {
-            "_class_name": self.pipeline_class,
-            "_diffusers_version": diffusers.__version__,
-            "_editkit_family": self.name,
-            **{f"_editkit_{key}": int(value) for key, value in areas.items()},
-            **{f"_editkit_{key}": value for key, value in extra.items()},
             "processor": ["transformers", "Qwen2VLProcessor"],
             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
             "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
