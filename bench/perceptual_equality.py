@@ -1,12 +1,13 @@
 """editkit's LPIPS and DreamSim against the reference packages (`lpips`, `dreamsim`) on the same weights.
 
-Random weights are written in the reference layouts (torchvision's AlexNet / VGG16 checkpoints under a
-torch hub folder and the lpips v0.1 heads; the files of a dreamsim cache_dir: DINO's hub checkpoint,
+Random weights are written in the reference layouts (torchvision's AlexNet / VGG16 / SqueezeNet 1.1
+checkpoints under a torch hub folder and the lpips v0.1 heads; the files of a dreamsim cache_dir: DINO's hub checkpoint,
 the CLIP / OpenCLIP ViTs in DINO's layout, peft LoRA adapters), each reference package loads them
 its own way, editkit loads the same folders (`--weights lpips=DIR`, `--weights dreamsim=DIR`), and
 both score the same random images: as tensors, and end to end from PIL images (the package's own
-image conversion against editkit's metric). Prints the largest absolute difference of each check
-and exits 1 if any exceeds --tolerance (1e-5). TF32 is off, so both sides compute in float32.
+image conversion against editkit's metric; for LPIPS also `lpips_out`, the package on both images with
+an edit region zero-filled, as PIE-Bench computes its background LPIPS). Prints the largest absolute
+difference of each check and exits 1 if any exceeds --tolerance (1e-5). TF32 is off, so both sides compute in float32.
 
 Needs torch, torchvision, lpips, dreamsim and their imports (open_clip_torch, timm, ftfy, wcwidth,
 scipy, peft). On the GPU machine, from the repository root (wheels in .whl/perceptual/):
@@ -47,7 +48,8 @@ def dino_vitb16(pretrained=True, **kwargs):
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     return model
 '''
-LPIPS_FILES = {"alex": ("alexnet", "alexnet-owt-7be5be79.pth"), "vgg": ("vgg16", "vgg16-397923af.pth")}
+LPIPS_FILES = {"alex": ("alexnet", "alexnet-owt-7be5be79.pth"), "vgg": ("vgg16", "vgg16-397923af.pth"),
+               "squeeze": ("squeezenet1_1", "squeezenet1_1-b8a52dc0.pth")}
 DREAMSIM_BACKBONES = {  # dreamsim model_type -> (file, patch size); DINO's is the torch hub checkpoint
     "dino_vitb16": ("checkpoints/dino_vitbase16_pretrain.pth", 16),
     "clip_vitb16": ("clip_vitb16_pretrain.pth.tar", 16),
@@ -111,12 +113,24 @@ def samples_of(preds, targets):
 # ----- LPIPS ---------------------------------------------------------------------------------------
 
 
+def tapped_widths(net: str, trunk: torch.nn.Module) -> list[int]:
+    """The channels of the outputs the lpips package taps, read from torchvision's module: the
+    convolutions before AlexNet's / VGG16's tapped ReLUs; SqueezeNet's stem convolution, then Fires
+    4, 7, 9, 10, 11, 12 (each its two expands side by side)."""
+    if net == "squeeze":
+        fires = [trunk.features[i] for i in (4, 7, 9, 10, 11, 12)]
+        return [trunk.features[0].out_channels] + [f.expand1x1.out_channels + f.expand3x3.out_channels for f in fires]
+    convs = [m.out_channels for m in trunk.features if isinstance(m, torch.nn.Conv2d)]
+    return [convs[c] for c in {"alex": [0, 1, 2, 3, 4], "vgg": [1, 3, 6, 9, 12]}[net]]
+
+
 def check_lpips(net: str, work: Path, device: torch.device, gen: torch.Generator, report: Report) -> None:
     import lpips
     import torchvision
 
     from editkit.eval.metrics.lpips_net import load_lpips
     from editkit.eval.metrics.perceptual import LpipsMetric
+    from editkit.eval.sample import Sample
 
     folder = work / f"lpips_{net}"
     (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -124,17 +138,18 @@ def check_lpips(net: str, work: Path, device: torch.device, gen: torch.Generator
     torch.manual_seed(int(torch.randint(1 << 30, (1,), generator=gen)))
     trunk = getattr(torchvision.models, arch)()  # torchvision's default (random) initialisation
     torch.save(trunk.state_dict(), folder / "checkpoints" / hub_name)
-    channels = [m.out_channels for m in trunk.features if isinstance(m, torch.nn.Conv2d)]
-    taps = {"alex": [0, 1, 2, 3, 4], "vgg": [1, 3, 6, 9, 12]}[net]  # the convolutions before the tapped ReLUs
-    heads = {f"lin{k}.model.1.weight": 0.2 * torch.rand(1, channels[c], 1, 1, generator=gen)
-             for k, c in enumerate(taps)}
+    widths = tapped_widths(net, trunk)
+    heads = {f"lin{k}.model.1.weight": 0.2 * torch.rand(1, c, 1, 1, generator=gen) for k, c in enumerate(widths)}
     torch.save(heads, folder / f"{net}.pth")
 
     torch.hub.set_dir(str(folder))  # torchvision's pretrained=True reads <hub>/checkpoints/<hub_name>
     ref = lpips.LPIPS(net=net, version="0.1", model_path=str(folder / f"{net}.pth"), verbose=False).to(device)
     report.same(f"lpips {net}: reference trunk", ref.net.slice1[0].weight, trunk.features[0].weight)
-    report.same(f"lpips {net}: reference heads", ref.lin4.model[1].weight, heads["lin4.model.1.weight"])
-    ours = load_lpips(folder, device, "bench")
+    last = len(widths) - 1
+    report.same(f"lpips {net}: reference heads", getattr(ref, f"lin{last}").model[1].weight,
+                heads[f"lin{last}.model.1.weight"])
+    ours = load_lpips(folder, device, "bench", net)
+    assert ours.trunk_name == net, (ours.trunk_name, net)
 
     with torch.no_grad():
         for shape in ((4, 3, 64, 64), (2, 3, 97, 131)):
@@ -143,12 +158,20 @@ def check_lpips(net: str, work: Path, device: torch.device, gen: torch.Generator
             report.check(f"lpips {net}: tensors {shape[2]}x{shape[3]}", ours(x, y), ref(x, y))
         preds = random_images(gen, [(80, 64), (131, 97), (64, 64)])
         targets = random_images(gen, [(80, 64), (131, 97), (64, 64)])
-        metric = LpipsMetric()
+        metric = LpipsMetric(net=net)
         metric.load(folder, device)
         mine = torch.tensor([row["lpips"] for row in metric.compute(samples_of(preds, targets))])
         theirs = torch.cat([ref(lpips.im2tensor(np.asarray(p)).to(device), lpips.im2tensor(np.asarray(t)).to(device))
                             .reshape(-1) for p, t in zip(preds, targets)])
         report.check(f"lpips {net}: metric from PIL images", mine, theirs)
+        masks = [np.zeros((t.height, t.width), dtype=bool) for t in targets]  # PIE-Bench's lpips_unedit_part:
+        for m in masks:  # the edit region zero-filled in both images
+            m[m.shape[0] // 4: m.shape[0] * 3 // 4, m.shape[1] // 3:] = True
+        rows = metric.compute([Sample(str(i), p, t, m) for i, (p, t, m) in enumerate(zip(preds, targets, masks))])
+        keep = [(1 - m)[..., None].astype(np.uint8) for m in masks]
+        theirs = torch.cat([ref(lpips.im2tensor(np.asarray(p) * k).to(device), lpips.im2tensor(np.asarray(t) * k)
+                                .to(device)).reshape(-1) for p, t, k in zip(preds, targets, keep)])
+        report.check(f"lpips {net}: lpips_out from PIL images", torch.tensor([r["lpips_out"] for r in rows]), theirs)
 
 
 # ----- DreamSim ------------------------------------------------------------------------------------
@@ -250,6 +273,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tolerance", type=float, default=1e-5)
     parser.add_argument("--only", choices=("lpips", "dreamsim"))
+    parser.add_argument("--nets", default=",".join(LPIPS_FILES), help="LPIPS backbones (default: %(default)s)")
     parser.add_argument("--variants", default="ensemble,dino_vitb16,clip_vitb32,open_clip_vitb32")
     parser.add_argument("--work", type=Path, help="folder for the weight files (default: a temporary one)")
     parser.add_argument("--dino-repo", type=Path, help="a checkout of facebookresearch/dino for torch.hub")
@@ -258,19 +282,25 @@ def main() -> int:
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device(args.device)
 
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     import torchvision
 
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
     cuda = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, lpips {version('lpips')}, "
-          f"dreamsim {version('dreamsim')}, peft {version('peft')}, device {device}{cuda}")
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, lpips {installed('lpips')}, "
+          f"dreamsim {installed('dreamsim')}, peft {installed('peft')}, device {device}{cuda}")
     report = Report(args.tolerance)
     gen = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         if args.only != "dreamsim":
-            for net in ("alex", "vgg"):
+            for net in args.nets.split(","):
                 check_lpips(net, work, device, gen, report)
         if args.only != "lpips":
             for variant in args.variants.split(","):

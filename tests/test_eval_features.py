@@ -96,6 +96,34 @@ def test_clip_t_uses_the_caption(weights):
     assert rows[0]["clip_t"] != pytest.approx(rows[1]["clip_t"], abs=1e-6)
 
 
+def test_clip_t_in_is_clip_t_of_the_prediction_with_the_outside_zero_filled(weights):
+    """PIE-Bench's edited-region CLIP: uint8 `img * mask` (outside black) against the caption, as a cosine."""
+    metric = FEATURE_METRICS["clip"]()
+    metric.load(weights / "clip", torch.device("cpu"))
+    pred, target, other = _images(3, seed=4)
+    mask = np.zeros((40, 56), dtype=bool)
+    mask[6:30, 10:44] = True
+    outside_changed = np.where(mask[..., None], np.asarray(pred), np.asarray(other))
+    rows = metric.compute([Sample("m", pred, target, mask, text="a red car"),
+                           Sample("none", pred, target, None, text="a red car"),
+                           Sample("empty", pred, target, np.zeros_like(mask), text="a red car"),
+                           Sample("out", Image.fromarray(outside_changed), None, mask, text="a red car")])
+    masked = Image.fromarray(np.uint8(np.asarray(pred) * mask[..., None]))
+    inputs = metric.processor(images=[masked], return_tensors="pt")
+    tokens = metric.tokenizer(["a red car"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        image = metric.model.get_image_features(pixel_values=inputs["pixel_values"])
+        text = metric.model.get_text_features(**tokens)
+    image, text = (getattr(v, "pooler_output", v) for v in (image, text))
+    expected = torch.nn.functional.cosine_similarity(image, text).item()
+    assert rows[0]["clip_t_in"] == pytest.approx(expected, abs=1e-5)
+    assert abs(rows[0]["clip_t_in"] - rows[0]["clip_t"]) > 1e-4  # the zero-fill changes the embedding
+    assert math.isnan(rows[1]["clip_t_in"]) and math.isnan(rows[2]["clip_t_in"])  # no mask, empty mask
+    assert rows[1]["clip_t"] == pytest.approx(rows[0]["clip_t"], abs=1e-6)  # clip_t ignores the mask
+    assert rows[3]["clip_t_in"] == pytest.approx(rows[0]["clip_t_in"], abs=1e-5)  # the outside is not seen
+    assert abs(rows[3]["clip_t"] - rows[0]["clip_t"]) > 1e-4
+
+
 @pytest.mark.parametrize("name", ["clip", "dino", "dinov3", "siglip2", "dreamsim", "lpips"])
 def test_missing_weights_are_unavailable_with_a_hint(name):
     reason = FEATURE_METRICS[name].unavailable_reason(None)

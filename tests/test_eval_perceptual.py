@@ -1,9 +1,11 @@
 """LPIPS and DreamSim on torch alone, from tiny random weights saved in the reference packages' file
-layouts (torchvision's AlexNet / VGG16 checkpoints + the lpips v0.1 heads; a dreamsim cache_dir).
+layouts (torchvision's AlexNet / VGG16 / SqueezeNet 1.1 checkpoints + the lpips v0.1 heads; a dreamsim
+cache_dir).
 
 Equality with the `lpips` and `dreamsim` packages themselves needs torchvision: bench/perceptual_equality.py.
 Here: the distances' properties, the LoRA merge against peft, the ViT against transformers' ViT and CLIP
-on the same weights, the LPIPS formula written out, the metrics through `editkit eval`, the RGBA-VAE
+on the same weights, the LPIPS formula written out (AlexNet and SqueezeNet), PIE-Bench's zero-filled
+background LPIPS (`lpips_out`), the choice of backbone, the metrics through `editkit eval`, the RGBA-VAE
 loss's gradient, and one-line errors for missing files.
 """
 
@@ -37,6 +39,29 @@ ALEX_WIDTHS = (8, 12, 16, 12, 12)
 VGG_CONVS = {i: 3 for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)}
 VGG_WIDTHS = (4, 4, 6, 6, 8, 8, 8, 8, 8, 8, 8, 8, 8)
 VGG_TAPPED = (1, 3, 6, 9, 12)  # which convolutions feed the tapped ReLUs (relu1_2 ... relu5_3)
+SQUEEZE_STEM = 8  # features.0: Conv2d(3, 8, 3, stride=2)
+SQUEEZE_FIRES = {3: (4, 4, 4), 4: (4, 4, 4), 6: (4, 6, 6), 7: (4, 6, 6), 9: (6, 8, 8), 10: (6, 8, 8),
+                 11: (8, 10, 10), 12: (8, 10, 10)}  # torchvision index -> (squeeze, expand1x1, expand3x3)
+SQUEEZE_TAPPED = (SQUEEZE_STEM, 8, 12, 16, 16, 20, 20)  # widths after indices 1, 4, 7, 9, 10, 11, 12
+
+
+def _conv(state, key, out, inp, kernel, gen):
+    std = (2 / (inp * kernel * kernel)) ** 0.5  # He initialisation: the ReLUs stay alive
+    state[f"{key}.weight"] = std * torch.randn(out, inp, kernel, kernel, generator=gen)
+    state[f"{key}.bias"] = 0.01 * torch.randn(out, generator=gen)
+
+
+def _squeeze_state(gen: torch.Generator) -> dict:
+    """torchvision's squeezenet1_1 state dict keys (features.N.squeeze / expand1x1 / expand3x3), narrow."""
+    state, channels = {}, SQUEEZE_STEM
+    _conv(state, "features.0", SQUEEZE_STEM, 3, 3, gen)
+    for index, (squeeze, e1, e3) in SQUEEZE_FIRES.items():
+        _conv(state, f"features.{index}.squeeze", squeeze, channels, 1, gen)
+        _conv(state, f"features.{index}.expand1x1", e1, squeeze, 1, gen)
+        _conv(state, f"features.{index}.expand3x3", e3, squeeze, 3, gen)
+        channels = e1 + e3
+    state["classifier.1.weight"] = torch.randn(10, channels, 1, 1, generator=gen)
+    return state
 
 
 def _trunk_state(convs: dict, widths: tuple, gen: torch.Generator) -> dict:
@@ -60,11 +85,15 @@ def write_lpips(folder, net: str = "alex", seed: int = 0, safetensors: bool = Fa
     if net == "alex":
         trunk, heads = _trunk_state(ALEX_CONVS, ALEX_WIDTHS, gen), _heads(ALEX_WIDTHS, gen)
         names = ("checkpoints/alexnet-owt-7be5be79.pth", "alex.pth")  # the torch hub folder layout
-    else:
+    elif net == "vgg":
         trunk, heads = _trunk_state(VGG_CONVS, VGG_WIDTHS, gen), _heads([VGG_WIDTHS[i] for i in VGG_TAPPED], gen)
         names = ("vgg16-397923af.pth", "vgg.pth")
+    else:
+        trunk, heads = _squeeze_state(gen), _heads(SQUEEZE_TAPPED, gen)
+        names = ("squeezenet1_1-b8a52dc0.pth", "squeeze.pth")
     if safetensors:
-        names = ("alexnet.safetensors" if net == "alex" else "vgg16.safetensors", f"{net}.safetensors")
+        stems = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
+        names = (f"{stems[net]}.safetensors", f"{net}.safetensors")
     for name, state in zip(names, (trunk, heads)):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         if safetensors:
@@ -77,7 +106,7 @@ def write_lpips(folder, net: str = "alex", seed: int = 0, safetensors: bool = Fa
 @pytest.fixture(scope="module")
 def lpips_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lpips")
-    return {net: write_lpips(root / net, net) for net in ("alex", "vgg")}
+    return {net: write_lpips(root / net, net) for net in ("alex", "vgg", "squeeze")}
 
 
 def _smooth(shape=(2, 3, 48, 48), seed=0) -> torch.Tensor:
@@ -90,9 +119,10 @@ def _noisy(x, level, seed=1):
     return (x + level * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))).clamp(-1, 1)
 
 
-@pytest.mark.parametrize("net", ["alex", "vgg"])
+@pytest.mark.parametrize("net", ["alex", "vgg", "squeeze"])
 def test_lpips_is_zero_on_equal_images_symmetric_and_grows_with_noise(lpips_dirs, net):
     lpips = load_lpips(lpips_dirs[net], CPU, "test")
+    assert lpips.trunk_name == net
     x = _smooth()
     with torch.no_grad():
         assert lpips(x, x).abs().max().item() < 1e-6
@@ -126,11 +156,121 @@ def test_lpips_is_the_v01_formula_written_out(lpips_dirs):
         torch.testing.assert_close(load_lpips(folder, CPU, "test")(x, y), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_lpips_reads_safetensors_files_alike(lpips_dirs, tmp_path):
-    folder = write_lpips(tmp_path / "st", "alex", safetensors=True)
+def _lpips_v01(taps_x, taps_y, heads) -> torch.Tensor:
+    return sum((F.conv2d((a / (a.norm(dim=1, keepdim=True) + 1e-10) - b / (b.norm(dim=1, keepdim=True) + 1e-10))
+                         ** 2, heads[f"lin{k}.model.1.weight"])).mean(dim=(1, 2, 3))
+               for k, (a, b) in enumerate(zip(taps_x, taps_y)))
+
+
+def test_squeeze_lpips_is_the_v01_formula_on_squeezenet_written_out(lpips_dirs):
+    """SqueezeNet 1.1 as torchvision's forward computes it, functionally: stem conv (stride 2) + ReLU, then
+    Fire modules between ceil-mode 3/2 max pools; LPIPS taps the stem's ReLU and Fires 4, 7, 9, 10, 11, 12."""
+    folder = lpips_dirs["squeeze"]
+    w = torch.load(folder / "squeezenet1_1-b8a52dc0.pth", weights_only=True)
+    heads = torch.load(folder / "squeeze.pth", weights_only=True)
+
+    def fire(h, i):
+        h = F.relu(F.conv2d(h, w[f"features.{i}.squeeze.weight"], w[f"features.{i}.squeeze.bias"]))
+        return torch.cat([F.relu(F.conv2d(h, w[f"features.{i}.expand1x1.weight"], w[f"features.{i}.expand1x1.bias"])),
+                          F.relu(F.conv2d(h, w[f"features.{i}.expand3x3.weight"], w[f"features.{i}.expand3x3.bias"],
+                                          padding=1))], dim=1)
+
+    def taps(img):
+        h = (img - torch.tensor(SHIFT).view(1, 3, 1, 1)) / torch.tensor(SCALE).view(1, 3, 1, 1)
+        out = [F.relu(F.conv2d(h, w["features.0.weight"], w["features.0.bias"], stride=2))]
+        h = F.max_pool2d(out[0], 3, 2, ceil_mode=True)
+        h = fire(fire(h, 3), 4)
+        out.append(h)
+        h = fire(fire(F.max_pool2d(h, 3, 2, ceil_mode=True), 6), 7)
+        out.append(h)
+        h = F.max_pool2d(h, 3, 2, ceil_mode=True)
+        for i in (9, 10, 11, 12):
+            h = fire(h, i)
+            out.append(h)
+        return out
+
+    x, y = _smooth((2, 3, 50, 61), seed=3), _smooth((2, 3, 50, 61), seed=4)  # odd sizes: ceil mode matters
+    assert [t.shape[1] for t in taps(x)] == list(SQUEEZE_TAPPED)
+    assert taps(x)[-1].shape[2:] == (3, 3)  # floor-mode pools would give 2x3
+    with torch.no_grad():
+        torch.testing.assert_close(load_lpips(folder, CPU, "test")(x, y), _lpips_v01(taps(x), taps(y), heads),
+                                   rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("net", ["alex", "squeeze"])
+def test_lpips_reads_safetensors_files_alike(lpips_dirs, tmp_path, net):
+    folder = write_lpips(tmp_path / "st", net, safetensors=True)
     x, y = _smooth(seed=5), _smooth(seed=6)
     with torch.no_grad():
-        torch.testing.assert_close(load_lpips(folder, CPU, "t")(x, y), load_lpips(lpips_dirs["alex"], CPU, "t")(x, y))
+        torch.testing.assert_close(load_lpips(folder, CPU, "t")(x, y), load_lpips(lpips_dirs[net], CPU, "t")(x, y))
+
+
+def test_the_lpips_backbone_is_chosen_by_net_else_alex_vgg_squeeze_in_order(lpips_dirs, tmp_path):
+    import shutil
+
+    both = shutil.copytree(lpips_dirs["squeeze"], tmp_path / "both")
+    shutil.copytree(lpips_dirs["vgg"], both, dirs_exist_ok=True)
+    assert load_lpips(both, CPU, "t").trunk_name == "vgg"
+    shutil.copytree(lpips_dirs["alex"], both, dirs_exist_ok=True)
+    assert load_lpips(both, CPU, "t").trunk_name == "alex"
+    x, y = _smooth(seed=12), _smooth(seed=13)
+    with torch.no_grad():
+        torch.testing.assert_close(load_lpips(both, CPU, "t", net="squeeze")(x, y),
+                                   load_lpips(lpips_dirs["squeeze"], CPU, "t")(x, y))
+    with pytest.raises(UserError, match=r"has no squeezenet1_1-b8a52dc0\.pth") as err:
+        load_lpips(lpips_dirs["alex"], CPU, "--weights lpips", net="squeeze")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="choose one of alex, vgg, squeeze"):
+        FEATURE_METRICS["lpips"](net="resnet")
+    assert FEATURE_METRICS["lpips"].settings() == {"net": "auto"}
+    assert FEATURE_METRICS["lpips"].settings(net="squeeze") == {"net": "squeeze"}
+
+
+def _masked_sample(pred: Image.Image, target: Image.Image | None, mask) -> Sample:
+    return Sample("s", pred, target, mask)
+
+
+def _tensor_of(img: Image.Image) -> torch.Tensor:
+    """A PIL image as a (1, 3, H, W) tensor in [-1, 1]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
+
+
+def test_lpips_out_is_lpips_of_both_images_with_the_edit_region_zero_filled(lpips_dirs):
+    metric = FEATURE_METRICS["lpips"](net="squeeze")
+    metric.load(lpips_dirs["squeeze"], CPU)
+    pred, target = (_pil(x) for x in _smooth((2, 3, 40, 56), seed=14))
+    mask = np.zeros((40, 56), dtype=bool)
+    mask[8:30, 12:40] = True
+    rows = metric.compute([_masked_sample(pred, target, mask), _masked_sample(pred, target, None),
+                           _masked_sample(pred, target, np.ones((40, 56), dtype=bool)),
+                           _masked_sample(pred, None, mask)])
+
+    def by_hand(img):  # PIE-Bench: img * (1 - mask) in [0, 1], then * 2 - 1
+        unit = np.asarray(img, dtype=np.float32) / 255 * (1 - mask[..., None].astype(np.float32))
+        return torch.from_numpy(unit).permute(2, 0, 1)[None] * 2 - 1
+
+    with torch.no_grad():
+        expected = load_lpips(lpips_dirs["squeeze"], CPU, "t")(by_hand(pred), by_hand(target)).item()
+        whole = load_lpips(lpips_dirs["squeeze"], CPU, "t")(_tensor_of(pred), _tensor_of(target)).item()
+    assert rows[0]["lpips_out"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert rows[0]["lpips"] == pytest.approx(whole, rel=1e-5, abs=1e-7)
+    assert abs(rows[0]["lpips_out"] - rows[0]["lpips"]) > 1e-4  # the zero-fill changes the value
+    assert math.isnan(rows[1]["lpips_out"]) and rows[1]["lpips"] == pytest.approx(whole, rel=1e-5)  # no mask
+    assert math.isnan(rows[2]["lpips_out"])  # everything is edit region: no background
+    assert math.isnan(rows[3]["lpips_out"]) and math.isnan(rows[3]["lpips"])  # no ground truth
+
+
+def test_a_change_inside_the_mask_only_leaves_lpips_out_at_zero(lpips_dirs):
+    metric = FEATURE_METRICS["lpips"]()
+    metric.load(lpips_dirs["alex"], CPU)
+    target = _pil(_smooth((1, 3, 48, 48), seed=15)[0])
+    mask = np.zeros((48, 48), dtype=bool)
+    mask[10:34, 14:38] = True
+    edited = np.array(target)
+    edited[mask] = (np.random.default_rng(0).random((int(mask.sum()), 3)) * 255).astype(np.uint8)
+    row = metric.compute([_masked_sample(Image.fromarray(edited), target, mask)])[0]
+    assert row["lpips_out"] == pytest.approx(0, abs=1e-6)
+    assert row["lpips"] > 1e-3
 
 
 def test_the_rgba_vae_loss_uses_lpips_and_keeps_its_gradient(lpips_dirs):
@@ -168,6 +308,35 @@ def test_lpips_missing_or_mismatched_files_are_one_line_errors(lpips_dirs, tmp_p
     backbone.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read .*alexnet-owt-7be5be79.pth"):
         load_lpips(no_heads, CPU, "t")
+
+
+def test_squeeze_missing_or_mismatched_files_are_one_line_errors(lpips_dirs, tmp_path):
+    folder = write_lpips(tmp_path / "sq", "squeeze")
+    (folder / "squeeze.pth").unlink()
+    with pytest.raises(UserError, match=r"has no squeeze\.pth") as err:
+        load_lpips(folder, CPU, "--weights lpips")
+    assert str(folder) in str(err.value) and "\n" not in str(err.value)
+    torch.save(torch.load(lpips_dirs["alex"] / "alex.pth", weights_only=True), folder / "squeeze.pth")
+    with pytest.raises(UserError, match=r"linear head lin\d is shape .*another backbone") as err:
+        load_lpips(folder, CPU, "t")
+    assert "\n" not in str(err.value)
+    heads = torch.load(lpips_dirs["squeeze"] / "squeeze.pth", weights_only=True)
+    del heads["lin6.model.1.weight"]  # six of the seven heads
+    torch.save(heads, folder / "squeeze.pth")
+    with pytest.raises(UserError, match="linear head lin6 is missing"):
+        load_lpips(folder, CPU, "t")
+    torch.save(torch.load(lpips_dirs["squeeze"] / "squeeze.pth", weights_only=True), folder / "squeeze.pth")
+    backbone = folder / "squeezenet1_1-b8a52dc0.pth"
+    state = torch.load(backbone, weights_only=True)
+    del state["features.9.expand3x3.weight"]
+    torch.save(state, backbone)
+    with pytest.raises(UserError, match=r"features\.9\.expand3x3\.weight .*not torchvision's SqueezeNet 1\.1") as err:
+        load_lpips(folder, CPU, "t")
+    assert "\n" not in str(err.value)
+    torch.save(torch.load(lpips_dirs["alex"] / "checkpoints" / "alexnet-owt-7be5be79.pth", weights_only=True),
+               backbone)
+    with pytest.raises(UserError, match="not torchvision's SqueezeNet 1.1 state dict"):
+        load_lpips(folder, CPU, "t")
 
 
 # ----- DreamSim files: a tiny dreamsim cache_dir ----------------------------------------------------
@@ -416,3 +585,34 @@ def test_cli_missing_weight_files_exit_2_with_one_line(tmp_path, capsys):
                                "--metrics", name, "--weights", f"{name}={tmp_path / 'w'}")
         errors = [line for line in err.splitlines() if line.startswith("editkit: error:")]
         assert code == 2 and len(errors) == 1 and expected in errors[0] and str(tmp_path / "w") in errors[0], err
+
+
+def test_cli_lpips_net_picks_the_backbone_and_enters_the_fingerprint(lpips_dirs, tmp_path, capsys):
+    import csv
+    import shutil
+
+    manifest, records = make_dataset(tmp_path / "data", n=2)
+    preds = make_predictions(tmp_path / "runs" / "r", records, noise=0.05)
+    both = shutil.copytree(lpips_dirs["alex"], tmp_path / "both")
+    shutil.copytree(lpips_dirs["squeeze"], both, dirs_exist_ok=True)
+    out = tmp_path / "out"
+    base = ["eval", "--pred", preds, "--data", manifest, "--out", out, "--metrics", "lpips",
+            "--weights", f"lpips={both}"]
+    code, _, err = run_cli(capsys, *base, "--lpips-net", "squeeze")
+    assert code == 0, err
+    with (out / "per_sample.csv").open() as f:
+        rows = {r["id"]: r for r in csv.DictReader(f)}
+    metric = FEATURE_METRICS["lpips"]()
+    metric.load(lpips_dirs["squeeze"], CPU)  # the squeeze-only folder: nothing else to choose
+    from editkit.eval.sample import load_sample
+
+    for record, expected in zip(records, metric.compute([load_sample(r, preds / f"{r.id}.png") for r in records])):
+        assert float(rows[record.id]["lpips"]) == pytest.approx(expected["lpips"], rel=1e-5)
+        assert float(rows[record.id]["lpips_out"]) == pytest.approx(expected["lpips_out"], rel=1e-5)
+        assert 0 < expected["lpips_out"]  # make_predictions adds noise outside the mask too
+    fingerprint = json.loads((out / "fingerprint.json").read_text())
+    assert fingerprint["inputs"]["metric_settings"]["lpips"] == {"net": "squeeze"}
+    code, _, err = run_cli(capsys, *base)  # the default (alex first) would mix backbones in one folder
+    assert code == 2 and "differs in: metric_settings" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, *base, "--lpips-net", "resnet")
+    assert code == 2 and "--lpips-net resnet" in err and len(err.strip().splitlines()) == 1

@@ -80,6 +80,9 @@ def eval_command(
     judge_prompts: str = typer.Option(None, "--judge-prompts", help="The VLM judge's protocol: viescore (default, "
                                                                     "GEdit-Bench), editscore, or a JSON/YAML file "
                                                                     "of prompt templates (docs/eval.md)."),
+    lpips_net: str = typer.Option(None, "--lpips-net", help="The LPIPS backbone when the --weights lpips folder "
+                                                            "holds several: alex, vgg or squeeze (PIE-Bench's). "
+                                                            "Default: the first found, in that order."),
     task: str = typer.Option("edit", "--task", help="edit: images (<id>.png) against a manifest; layers: layer "
                                                     "decompositions (<id>/layer_00.png ..., back to front) against a "
                                                     "`layers prep` folder, with the LayerD metric."),
@@ -91,21 +94,26 @@ def eval_command(
         from editkit.eval.layers_run import run_from_cli
 
         return run_from_cli(task, expand_preds(pred), data, out, overwrite,
-                            unused={"--metrics": metrics, "--weights": weights, "--format": format, "--field": field})
+                            unused={"--metrics": metrics, "--weights": weights, "--format": format, "--field": field,
+                                    "--lpips-net": lpips_net})
 
     from editkit.data import parse_field_overrides, read_manifest
     from editkit.eval.metrics import FEATURE_METRICS
     from editkit.eval.metrics.judge_protocol import load_protocol
+    from editkit.eval.metrics.lpips_net import trunk_named
     from editkit.eval.runner import evaluate
 
     fields = parse_field_overrides(field)
     records = read_manifest(data, format=format, fields=fields)
     weight_map = parse_metric_weights(weights)
-    judge = {"judge": {"protocol": load_protocol(judge_prompts).identity()}} if judge_prompts else {}
+    options = {"judge": {"protocol": load_protocol(judge_prompts).identity()}} if judge_prompts else {}
+    if lpips_net:
+        options["lpips"] = {"net": trunk_named(lpips_net, "--lpips-net").name}
     summary = evaluate(expand_preds(pred), records, out, parse_metrics(metrics), weight_map, batch_size,
                        device=device, manifest=data, overwrite=overwrite,
-                       run_config={"pred": pred, "fields": fields, "judge_prompts": judge_prompts},
-                       metric_options=judge)
+                       run_config={"pred": pred, "fields": fields, "judge_prompts": judge_prompts,
+                                   "lpips_net": lpips_net},
+                       metric_options=options)
     if summary is None:
         return
     typer.echo(f"resize policy: {summary['resize_policy']}")

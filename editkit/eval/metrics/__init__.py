@@ -30,7 +30,7 @@ DEFAULT_GROUPS = ("pixel", "seam", "effnet", "fid")
 # Direction of "better" for reports (True: higher is better). Columns not listed: higher is better.
 LOWER_IS_BETTER = {
     *(c for c in pixel.COLUMNS if c.startswith(("mse", "mae"))),
-    "seam", "seam_excess", "ghost", "rgba_l1", "dreamsim", "lpips", "fid_effnet", "kid_effnet",
+    "seam", "seam_excess", "ghost", "rgba_l1", "dreamsim", "lpips", "lpips_out", "fid_effnet", "kid_effnet",
     *layerd.LOWER_IS_BETTER_COLUMNS,  # `eval --task layers`
 }
 

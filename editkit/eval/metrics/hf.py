@@ -2,8 +2,10 @@
 
 - clip: CLIP-I = cosine(CLIP image embedding of prediction, of ground truth); CLIP-T = cosine(image
   embedding of prediction, text embedding of the target caption) — MagicBrush's definitions
-  (ViT-B/32 there; any CLIPModel folder works). Preprocessing from the folder's
-  preprocessor_config.json, else CLIP's (shortest edge, centre crop, CLIP mean/std).
+  (ViT-B/32 there; any CLIPModel folder works); CLIP-T-in (`clip_t_in`) = CLIP-T of the prediction
+  with the outside of the mask zero-filled (black), PIE-Bench's edited-region CLIP (which reports
+  100·max(cos, 0) with ViT-L/14). Preprocessing from the folder's preprocessor_config.json, else
+  CLIP's (shortest edge, centre crop, CLIP mean/std).
 - dino: MagicBrush's DINO score — ViT-S/16 (`ViTModel`, e.g. facebook/dino-vits16), resize 256
   bicubic, centre crop 224, ImageNet mean/std, cosine of the CLS tokens (after the final norm).
 - dinov3: `DINOv3ViTModel`, cosine of pooler_output (the normed CLS token).
@@ -60,7 +62,7 @@ class _ImagePairMetric(FeatureMetric):
 
 class ClipMetric(_ImagePairMetric):
     name = "clip"
-    columns = ("clip_i", "clip_t")
+    columns = ("clip_i", "clip_t", "clip_t_in")
     column = "clip_i"
     hint = "an HF CLIPModel folder, e.g. openai/clip-vit-base-patch32 (MagicBrush uses ViT-B/32)"
 
@@ -89,8 +91,14 @@ class ClipMetric(_ImagePairMetric):
 
     def compute(self, samples):
         out = super().compute(samples)
+        inside = [i for i, s in enumerate(samples) if s.mask is not None and s.mask.any()]
         with torch.no_grad():
-            sims = cosine(self.embed([s.pred for s in samples]), self.embed_text([s.text for s in samples]))
+            texts = self.embed_text([s.text for s in samples])
+            sims = cosine(self.embed([s.pred for s in samples]), texts)
+            if inside:
+                masked = self.embed([pp.zero_filled(samples[i].pred, ~samples[i].mask) for i in inside])
+                for i, value in zip(inside, cosine(masked, texts[inside])):
+                    out[i]["clip_t_in"] = value
         for row, value in zip(out, sims):
             row["clip_t"] = value
         return out

@@ -1,17 +1,19 @@
 """LPIPS v0.1 (Zhang et al. 2018) as the `lpips` package computes it, on torch.nn alone.
 
 Why hand-written trunks: both LPIPS implementations (the `lpips` package, torchmetrics') take their
-AlexNet / VGG16 from torchvision, and PyPI's torchvision wheel is built against CUDA torch and fails
-to import beside editkit's CPU torch. The trunks below are only the convolution stacks that LPIPS
+AlexNet / VGG16 / SqueezeNet 1.1 from torchvision, and PyPI's torchvision wheel is built against CUDA
+torch and fails to import beside editkit's CPU torch. The trunks below are only the convolution stacks that LPIPS
 taps (torchvision's `features`), laid out with torchvision's module indices so that its state dicts
 (`features.0.weight`, ...; the `classifier.*` keys are ignored) load as they are. Their widths are
 read from the state dict, so a width-reduced file (the tests') builds a matching smaller network.
 
 The distance (inputs in [-1, 1], as the package's `LPIPS.forward` without `normalize`): each image
-is shifted and scaled by the package's ScalingLayer constants, the trunk's five ReLU outputs are
-unit-normalised along channels (eps 1e-10), the squared differences are weighted per channel by a
-1x1 convolution without bias (the "linear heads", the package's `weights/v0.1/{alex,vgg}.pth`:
-`lin{k}.model.1.weight`, shape (1, C_k, 1, 1)), averaged over space and summed over the five layers.
+is shifted and scaled by the package's ScalingLayer constants, the trunk's tapped ReLU outputs (five
+for AlexNet and VGG16; seven for SqueezeNet: the first ReLU and the outputs of Fire modules 4, 7, 9, 10,
+11, 12) are unit-normalised along channels (eps 1e-10), the squared differences are weighted per
+channel by a 1x1 convolution without bias (the "linear heads", the package's
+`weights/v0.1/{alex,vgg,squeeze}.pth`: `lin{k}.model.1.weight`, shape (1, C_k, 1, 1)), averaged over
+space and summed over the layers.
 bench/perceptual_equality.py compares it with the `lpips` package on the same weights.
 
 It stays differentiable in its inputs (the RGBA-VAE stage's perceptual loss); its weights are frozen.
@@ -33,7 +35,8 @@ from editkit.eval.metrics import weight_files
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
 EPS = 1e-10
-RELU, CONV, POOL = "relu", "conv", "pool"
+RELU, CONV, POOL, CEIL_POOL, FIRE = "relu", "conv", "pool", "ceil_pool", "fire"
+NETS = ("alex", "vgg", "squeeze")
 
 
 def _vgg16_layers() -> tuple:
@@ -45,13 +48,30 @@ def _vgg16_layers() -> tuple:
     return tuple(layers)
 
 
+class Fire(nn.Module):
+    """torchvision's SqueezeNet Fire module: a 1x1 squeeze, then 1x1 and 3x3 expands side by side (each ReLU)."""
+
+    def __init__(self, channels: int, squeeze: int, expand1x1: int, expand3x3: int):
+        super().__init__()
+        self.squeeze = nn.Conv2d(channels, squeeze, 1)
+        self.expand1x1 = nn.Conv2d(squeeze, expand1x1, 1)
+        self.expand3x3 = nn.Conv2d(squeeze, expand3x3, 3, padding=1)
+        self.out_channels = expand1x1 + expand3x3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.squeeze(x))
+        return torch.cat([F.relu(self.expand1x1(x)), F.relu(self.expand3x3(x))], dim=1)
+
+
 @dataclass(frozen=True)
 class Trunk:
-    """One LPIPS backbone: torchvision's `features` up to the last tapped ReLU, and its files."""
+    """One LPIPS backbone: torchvision's `features` up to the last tapped layer, and its files."""
 
     name: str  # the lpips package's `net=` name
     title: str
-    layers: tuple  # per torchvision index: (CONV, stride, padding), (RELU,), (POOL, kernel, stride)
+    # per torchvision index: (CONV, stride, padding), (RELU,), (POOL or CEIL_POOL, kernel, stride), (FIRE,);
+    # the widths come from the state dict
+    layers: tuple
     taps: tuple[int, ...]  # indices whose outputs LPIPS compares
     backbone_files: tuple[str, ...]
     heads_files: tuple[str, ...]
@@ -65,7 +85,35 @@ ALEX = Trunk("alex", "AlexNet", ((CONV, 4, 2), (RELU,), (POOL, 3, 2), (CONV, 1, 
 VGG = Trunk("vgg", "VGG16", _vgg16_layers(), (3, 8, 15, 22, 29),
             ("vgg16-397923af.pth", "checkpoints/vgg16-397923af.pth", "vgg16.safetensors"),
             ("vgg.pth", "vgg.safetensors"))
-TRUNKS = (ALEX, VGG)  # the first whose backbone file is in the folder is used (AlexNet: lpips' default)
+SQUEEZE = Trunk("squeeze", "SqueezeNet 1.1", ((CONV, 2, 0), (RELU,), (CEIL_POOL, 3, 2), (FIRE,), (FIRE,),
+                                               (CEIL_POOL, 3, 2), (FIRE,), (FIRE,), (CEIL_POOL, 3, 2),
+                                               (FIRE,), (FIRE,), (FIRE,), (FIRE,)),
+                (1, 4, 7, 9, 10, 11, 12),
+                ("squeezenet1_1-b8a52dc0.pth", "checkpoints/squeezenet1_1-b8a52dc0.pth", "squeezenet1_1.safetensors"),
+                ("squeeze.pth", "squeeze.safetensors"))
+# Without a chosen net, the first whose backbone file is in the folder is used (AlexNet: lpips' default).
+TRUNKS = (ALEX, VGG, SQUEEZE)
+
+
+def trunk_named(net: str, label: str = "LPIPS net") -> Trunk:
+    """The trunk of an lpips `net=` name (alex, vgg, squeeze); `label` starts the error (the flag or field)."""
+    for trunk in TRUNKS:
+        if trunk.name == net:
+            return trunk
+    raise UserError(f"{label} {net}: unknown LPIPS backbone; choose one of {', '.join(NETS)}")
+
+
+def _fire(state: dict, index: int, channels: int, trunk: Trunk, label: str) -> Fire:
+    """A Fire module sized from `features.{index}.{squeeze,expand1x1,expand3x3}.weight`."""
+    def weight(part: str, inputs: int, kernel: int) -> torch.Tensor:
+        w = state.get(f"features.{index}.{part}.weight")
+        if w is None or w.ndim != 4 or w.shape[1] != inputs or w.shape[-1] != kernel:
+            raise UserError(f"{label}: no features.{index}.{part}.weight ({kernel}x{kernel}, {inputs} input "
+                            f"channels): not torchvision's {trunk.title} state dict")
+        return w
+
+    squeeze = weight("squeeze", channels, 1).shape[0]
+    return Fire(channels, squeeze, weight("expand1x1", squeeze, 1).shape[0], weight("expand3x3", squeeze, 3).shape[0])
 
 
 def build_features(trunk: Trunk, state: dict, label: str) -> nn.Sequential:
@@ -79,10 +127,13 @@ def build_features(trunk: Trunk, state: dict, label: str) -> nn.Sequential:
                                 f"torchvision's {trunk.title} state dict")
             modules.append(nn.Conv2d(channels, weight.shape[0], weight.shape[-1], stride=spec[1], padding=spec[2]))
             channels = weight.shape[0]
+        elif spec[0] == FIRE:
+            modules.append(_fire(state, index, channels, trunk, label))
+            channels = modules[-1].out_channels
         elif spec[0] == RELU:
             modules.append(nn.ReLU())
         else:
-            modules.append(nn.MaxPool2d(spec[1], spec[2]))
+            modules.append(nn.MaxPool2d(spec[1], spec[2], ceil_mode=spec[0] == CEIL_POOL))
     features = nn.Sequential(*modules)
     wanted = {k[len("features."):]: v for k, v in state.items()
               if k.startswith("features.") and k.split(".")[1].isdigit() and int(k.split(".")[1]) < len(modules)}
@@ -95,8 +146,9 @@ def build_features(trunk: Trunk, state: dict, label: str) -> nn.Sequential:
 
 
 def tap_channels(features: nn.Sequential, trunk: Trunk) -> list[int]:
-    """The channel count at each tapped ReLU: the output width of the convolution before it."""
-    return [features[i - 1].out_channels for i in trunk.taps]
+    """The channel count at each tap: the output width of the last convolution or Fire module up to it."""
+    return [next(m.out_channels for m in reversed(features[:i + 1]) if hasattr(m, "out_channels"))
+            for i in trunk.taps]
 
 
 def read_heads(state: dict, channels: list[int], label: str) -> list[torch.Tensor]:
@@ -148,24 +200,35 @@ class Lpips(nn.Module):
         return total.reshape(-1)
 
 
-def locate(folder: Path, label: str) -> tuple[Trunk, Path, Path]:
-    """The backbone the folder holds (AlexNet before VGG16), its file and its heads file."""
+def _heads_file(folder: Path, trunk: Trunk, backbone: Path, label: str) -> Path:
+    return weight_files.require(folder, trunk.heads_files, label,
+                                f"the LPIPS v0.1 linear heads for {backbone.name} (the lpips "
+                                f"package's lpips/weights/v0.1/{trunk.heads_files[0]})")
+
+
+def locate(folder: Path, label: str, net: str | None = None) -> tuple[Trunk, Path, Path]:
+    """The backbone `net` (None: the first the folder holds, AlexNet, VGG16, SqueezeNet), its file and its
+    heads file."""
+    if net is not None:
+        trunk = trunk_named(net)
+        backbone = weight_files.require(folder, trunk.backbone_files, label,
+                                        f"torchvision's {trunk.title} checkpoint (LPIPS net '{net}')")
+        return trunk, backbone, _heads_file(folder, trunk, backbone, label)
     for trunk in TRUNKS:
         backbone = weight_files.find(folder, trunk.backbone_files)
         if backbone is not None:
-            heads = weight_files.require(folder, trunk.heads_files, label,
-                                         f"the LPIPS v0.1 linear heads for {backbone.name} (the lpips "
-                                         f"package's lpips/weights/v0.1/{trunk.heads_files[0]})")
-            return trunk, backbone, heads
+            return trunk, backbone, _heads_file(folder, trunk, backbone, label)
     raise UserError(f"{label}: {folder} has no LPIPS backbone: put {ALEX.backbone_files[0]} (torchvision's "
                     f"AlexNet) and {ALEX.heads_files[0]} (the lpips package's v0.1 heads) there, or "
-                    f"{VGG.backbone_files[0]} and {VGG.heads_files[0]}; see docs/eval.md")
+                    f"{VGG.backbone_files[0]} and {VGG.heads_files[0]}, or {SQUEEZE.backbone_files[0]} and "
+                    f"{SQUEEZE.heads_files[0]}; see docs/eval.md")
 
 
-def load_lpips(folder: Path, device, label: str) -> Lpips:
-    """The frozen LPIPS network of the files in `folder`; `label` starts each error (the flag or field)."""
+def load_lpips(folder: Path, device, label: str, net: str | None = None) -> Lpips:
+    """The frozen LPIPS network of the files in `folder` (backbone `net`, or the first found: see `locate`);
+    `label` starts each error (the flag or field)."""
     folder = Path(folder)
-    trunk, backbone, heads = locate(folder, label)
+    trunk, backbone, heads = locate(folder, label, net)
     features = build_features(trunk, weight_files.load_tensors(backbone, label), f"{label} ({backbone})")
     head_weights = read_heads(weight_files.load_tensors(heads, label), tap_channels(features, trunk),
                               f"{label} ({heads})")

@@ -2,8 +2,10 @@
 
 Both run on torch alone, on the CPU install too (no torchvision, no `lpips` / `dreamsim` package):
 - lpips (editkit.eval.metrics.lpips_net): LPIPS v0.1; `--weights lpips=DIR` holds torchvision's
-  AlexNet (or VGG16) checkpoint and the `lpips` package's linear heads. Whole images, at the ground
-  truth's size, pixels in [0, 1] mapped to [-1, 1].
+  AlexNet, VGG16 or SqueezeNet 1.1 checkpoint and the `lpips` package's linear heads (`--lpips-net`
+  picks one when the folder holds several). Images at the ground truth's size, pixels in [0, 1] mapped
+  to [-1, 1]. `lpips`: whole images; `lpips_out`: the edit region (mask) zero-filled, black, in both
+  images, as PIE-Bench's background LPIPS is computed (zero-filled, not left out).
 - dreamsim (editkit.eval.metrics.dreamsim_net): `--weights dreamsim=DIR` is the `dreamsim` package's
   cache_dir (its default ensemble, or a single-branch variant); images resized to its 224x224
   (bicubic) in [0, 1], as its preprocess does.
@@ -72,17 +74,44 @@ class DreamSimMetric(_PairDistance):
 
 class LpipsMetric(_PairDistance):
     name = "lpips"
-    columns = ("lpips",)
+    columns = ("lpips", "lpips_out")
     column = "lpips"
     hint = ("a folder with torchvision's alexnet-owt-7be5be79.pth and the lpips package's v0.1 alex.pth, "
-            "or vgg16-397923af.pth and vgg.pth; docs/eval.md")
+            "or vgg16-397923af.pth and vgg.pth, or squeezenet1_1-b8a52dc0.pth and squeeze.pth; docs/eval.md")
+
+    def __init__(self, net: str | None = None):
+        """`net`: the backbone (alex, vgg, squeeze); None: the first of them the weights folder holds."""
+        self.net = self._checked(net)
+
+    @staticmethod
+    def _checked(net: str | None) -> str | None:
+        from editkit.eval.metrics.lpips_net import trunk_named
+
+        return None if net is None else trunk_named(net).name
+
+    @classmethod
+    def settings(cls, net: str | None = None) -> dict:
+        """The chosen backbone ("auto": the folder decides) is part of the eval folder's fingerprint."""
+        return {"net": cls._checked(net) or "auto"}
 
     def load(self, path, device):
         from editkit.eval.metrics.lpips_net import load_lpips
 
         path = self.require_weights(path)
         self.device = device
-        self.network = load_lpips(path, device, "--weights lpips")
+        self.network = load_lpips(path, device, "--weights lpips", self.net)
 
     def distance(self, pred, target):
         return self.network(2 * pred - 1, 2 * target - 1)
+
+    def compute(self, samples: list[Sample]) -> list[dict]:
+        rows = super().compute(samples)
+        outside = [i for i, s in enumerate(samples)
+                   if s.target is not None and s.mask is not None and not s.mask.all()]
+        filled = [Sample(samples[i].id, pp.zero_filled(samples[i].pred, samples[i].mask),
+                         pp.zero_filled(samples[i].target, samples[i].mask)) for i in outside]
+        for row in rows:
+            row["lpips_out"] = math.nan
+        for i, row in zip(outside, super().compute(filled)):
+            rows[i]["lpips_out"] = row["lpips"]
+        return rows

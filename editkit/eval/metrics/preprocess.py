@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -100,3 +101,11 @@ def inputs(processor, images: list[Image.Image]) -> dict[str, torch.Tensor]:
 def pixel_values(processor, images: list[Image.Image]) -> torch.Tensor:
     """(B, 3, H, W) float32."""
     return inputs(processor, images)["pixel_values"]
+
+
+def zero_filled(image: Image.Image, region: np.ndarray) -> Image.Image:
+    """`image` as RGB with the pixels of `region` (bool (H, W), the image's size) black: PIE-Bench's
+    region metrics zero-fill what they leave out."""
+    pixels = np.array(image.convert("RGB"))
+    pixels[region] = 0
+    return Image.fromarray(pixels)
