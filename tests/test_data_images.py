@@ -141,3 +141,17 @@ def test_mask_in_alpha_channel(tmp_path):
     arr[:2, :, 3] = 255
     Image.fromarray(arr, "RGBA").save(tmp_path / "a.png")
     assert np.array(load_mask(tmp_path / "a.png"))[:, 0].tolist() == [255, 255, 0, 0]
+
+
+def test_an_rgb_images_transparent_colour_is_composited_over_white(tmp_path):
+    from editkit.data.images import as_mode, load_image
+
+    path = tmp_path / "trns.png"
+    img = Image.new("RGB", (4, 2), (10, 20, 30))
+    img.putpixel((0, 0), (0, 0, 0))
+    img.save(path, transparency=(0, 0, 0))  # PNG tRNS: black is transparent
+    rgb = load_image(path)
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((1, 0)) == (10, 20, 30)
+    kept = load_image(path, "keep")
+    assert kept.mode == "RGBA" and kept.getpixel((0, 0))[3] == 0
+    assert as_mode(kept, "RGB").getpixel((0, 0)) == (255, 255, 255)

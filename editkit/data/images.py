@@ -159,13 +159,11 @@ def as_mode(img: Image.Image, mode: str) -> Image.Image:
         return img if img.mode == "RGBA" else img.convert("RGBA")
     if mode != "RGB":
         raise ValueError(f"mode must be RGB or RGBA, not {mode!r}")
-    if img.mode == "RGB":
-        return img
-    if has_transparency(img):
+    if has_transparency(img):  # an alpha channel, or an RGB / palette image's transparent colour
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def binarize_mask(mask: Image.Image) -> Image.Image:

@@ -395,8 +395,8 @@ def _check_finite(values: torch.Tensor, reqs: list[EditRequest], what: str) -> N
 
 
 def _used_negative(req: EditRequest) -> str | None:
-    """The request's negative prompt when its sampling uses one (true CFG > 1 or an image guidance
-    scale), else None, so a CFG-1 edit (the Lightning presets) skips encoding it."""
-    if (req.true_cfg_scale is not None and req.true_cfg_scale > 1) or req.image_cfg is not None:
+    """The (resolved) request's negative prompt when its sampling uses one (true CFG > 1 or an image
+    guidance scale), else None, so a CFG-1 edit (the Lightning presets) skips encoding it."""
+    if req.true_cfg_scale > 1 or req.image_cfg is not None:
         return req.negative_prompt
     return None

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from editkit.data.images import fit_area
+from editkit.data.images import as_mode, fit_area
 from editkit.errors import UserError
 from editkit.models.family import VIEW_AREAS, EditInputs, SamplingDefaults, write_model_index
 from editkit.models.qwen_image_edit import QwenImageEditModel, _device_map
@@ -476,7 +476,7 @@ class QwenImage21Model(QwenImageEditModel):
         from PIL import Image as PILImage
 
         width, height = self.vae_size(image)
-        resized = self.image_processor.resize(_rgba(image), height, width)
+        resized = self.image_processor.resize(as_mode(image, "RGBA"), height, width)
         white = PILImage.new("RGB", resized.size, (255, 255, 255))
         white.paste(resized, mask=resized.getchannel("A"))
         return white
@@ -575,7 +575,7 @@ class QwenImage21Model(QwenImageEditModel):
     def preprocess(self, images: Sequence[Image.Image], width: int, height: int) -> torch.Tensor:
         """Images resized to (width, height) as a (B, 4, H, W) straight-alpha RGBA tensor in [-1, 1]
         (an image without alpha is opaque)."""
-        return torch.cat([self.image_processor.preprocess(_rgba(img), height, width) for img in images])
+        return torch.cat([self.image_processor.preprocess(as_mode(img, "RGBA"), height, width) for img in images])
 
     def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised latents `(B, C, h, w)` of RGBA pixels `(B, 4, H, W)` in [-1, 1] (RGB: opaque)."""
@@ -736,7 +736,3 @@ def _padded(embeds: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
         out[i, : e.shape[0]] = e
         mask[i, : e.shape[0]] = 1
     return out, mask
-
-
-def _rgba(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGBA" else image.convert("RGBA")

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from editkit.data.images import fit_area
+from editkit.data.images import as_mode, fit_area
 from editkit.errors import UserError
 from editkit.models.family import EditInputs, SamplingDefaults
 from editkit.models.qwen_image_edit import (
@@ -256,13 +256,13 @@ class QwenImageLayeredModel(QwenImageEditModel):
     def preprocess(self, images: Sequence[Image.Image], width: int, height: int) -> torch.Tensor:
         """Images resized to (width, height) as a (B, 4, H, W) straight-alpha RGBA tensor in [-1, 1]
         (an image without alpha is opaque)."""
-        return torch.cat([self.image_processor.preprocess(_rgba(img), height, width) for img in images])
+        return torch.cat([self.image_processor.preprocess(as_mode(img, "RGBA"), height, width) for img in images])
 
     def layer_view(self, image: Image.Image, resolution: int | None = None) -> Image.Image:
         """`image` as RGBA at its layer size, resized as the pipeline resizes it: what the VAE and the
         auto-caption see, and what a recomposition is compared with."""
         width, height = self.layer_size(image, resolution)
-        return self.image_processor.resize(_rgba(image), height, width)
+        return self.image_processor.resize(as_mode(image, "RGBA"), height, width)
 
     def decode_layers(self, packed: torch.Tensor, width: int, height: int, layers: int) -> torch.Tensor:
         """RGBA pixels `(B, layers, 4, H, W)` in about [-1, 1] of sampled packed latents (frame 0,
@@ -477,7 +477,3 @@ def _stack_padded(embeds, negative, mask, negative_mask):
         return torch.cat([x, x.new_zeros(x.shape[0], length - x.shape[1], *x.shape[2:])], dim=1)
 
     return torch.cat([pad(embeds), pad(negative)]), torch.cat([pad(mask), pad(negative_mask)])
-
-
-def _rgba(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGBA" else image.convert("RGBA")
